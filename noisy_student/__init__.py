@@ -1,0 +1,1 @@
+"""Noisy Student self-training (Xie et al., CVPR 2020) in JAX."""

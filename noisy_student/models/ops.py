@@ -1,0 +1,251 @@
+"""Convolution and batch-norm kernels, each with an XLA-native and a CPU-fast form.
+
+XLA:CPU runs grouped (depthwise) convolutions and small convolutions far below
+its matmul speed, so on CPU the same maths is expressed as shifted
+multiply-adds and matmuls, with hand-written gradients where autodiff would
+produce slow scatter or convolution ops. Every function here is pure and takes
+the same parameters in every form, so a checkpoint does not care which ran.
+"""
+
+import functools
+from typing import Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("auto", "xla", "shifted")
+
+
+def resolve_impl(impl: str) -> str:
+  """'auto' -> 'shifted' on CPU (several times faster there), 'xla' elsewhere."""
+  if impl not in IMPLS:
+    raise ValueError(f"conv_impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "shifted" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
+  """TensorFlow 'SAME' padding for one spatial dim of the actual input size."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def _pad_same(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
+  ph = same_padding(x.shape[1], kh, stride)
+  pw = same_padding(x.shape[2], kw, stride)
+  if ph == (0, 0) and pw == (0, 0):
+    return x
+  return jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+
+
+def _taps(xp: jax.Array, kh: int, kw: int, stride: int, out_h: int, out_w: int):
+  """Yields (i, j, strided window of xp under kernel tap (i, j))."""
+  n, _, _, c = xp.shape
+  for i in range(kh):
+    for j in range(kw):
+      window = lax.slice(
+          xp, (0, i, j, 0),
+          (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+          (1, stride, stride, 1))
+      yield i, j, window
+
+
+# ----------------------------------------------------------------------------
+# Dense-style convolutions (1x1 and the stem).
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> jax.Array:
+  """Convolution with TF 'SAME' padding; kernel is HWIO.
+
+  1x1 stride-1 convolutions are matmuls over the flattened pixels on every
+  backend; a kxk convolution is im2col + matmul in the 'shifted' form.
+  """
+  kh, kw, cin, cout = kernel.shape
+  if kh == kw == 1 and stride == 1:
+    n, h, w, _ = x.shape
+    y = jnp.dot(x.reshape(n * h * w, cin), kernel.reshape(cin, cout))
+    return y.reshape(n, h, w, cout)
+  if resolve_impl(impl) == "shifted":
+    out_h = -(-x.shape[1] // stride)
+    out_w = -(-x.shape[2] // stride)
+    xp = _pad_same(x, kh, kw, stride)
+    patches = jnp.concatenate(
+        [t for _, _, t in _taps(xp, kh, kw, stride, out_h, out_w)], axis=-1)
+    n = x.shape[0]
+    y = jnp.dot(patches.reshape(n * out_h * out_w, kh * kw * cin),
+                kernel.reshape(kh * kw * cin, cout))
+    return y.reshape(n, out_h, out_w, cout)
+  padding = [same_padding(x.shape[1], kh, stride),
+             same_padding(x.shape[2], kw, stride)]
+  return lax.conv_general_dilated(
+      x, kernel, (stride, stride), padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# ----------------------------------------------------------------------------
+# Depthwise convolution.
+
+
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int,
+                     impl: str) -> jax.Array:
+  """Depthwise convolution, TF 'SAME' padding; kernel is [kh, kw, 1, C]."""
+  if resolve_impl(impl) == "shifted":
+    return _depthwise_shifted(x, kernel, stride)
+  kh, kw = kernel.shape[:2]
+  padding = [same_padding(x.shape[1], kh, stride),
+             same_padding(x.shape[2], kw, stride)]
+  return lax.conv_general_dilated(
+      x, kernel, (stride, stride), padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1])
+
+
+def _depthwise_forward(x, kernel, stride):
+  kh, kw = kernel.shape[:2]
+  out_h = -(-x.shape[1] // stride)
+  out_w = -(-x.shape[2] // stride)
+  xp = _pad_same(x, kh, kw, stride)
+  out = None
+  for i, j, window in _taps(xp, kh, kw, stride, out_h, out_w):
+    term = window * kernel[i, j, 0]
+    out = term if out is None else out + term
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_shifted(x, kernel, stride):
+  return _depthwise_forward(x, kernel, stride)
+
+
+def _depthwise_shifted_fwd(x, kernel, stride):
+  return _depthwise_forward(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_shifted_bwd(stride, residuals, g):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  n, h, w, c = x.shape
+  out_h, out_w = g.shape[1:3]
+  top, _ = same_padding(h, kh, stride)
+  left, _ = same_padding(w, kw, stride)
+
+  # Input gradient: the transposed convolution is again a shifted sum, over
+  # the output gradient dilated by the stride, with the kernel flipped.
+  def edges(before, size, out, k):
+    lo = k - 1 - before
+    hi = size + k - 1 - lo - ((out - 1) * stride + 1)
+    return lo, hi
+
+  zero = jnp.zeros((), g.dtype)
+  gp = lax.pad(g, zero, [(0, 0, 0),
+                         (*edges(top, h, out_h, kh), stride - 1),
+                         (*edges(left, w, out_w, kw), stride - 1),
+                         (0, 0, 0)])
+  dx = None
+  for i, j, window in _taps(gp, kh, kw, 1, h, w):
+    term = window * kernel[kh - 1 - i, kw - 1 - j, 0]
+    dx = term if dx is None else dx + term
+
+  # Kernel gradient: one reduction per tap over the same windows the forward
+  # pass read; XLA fuses them into a single multi-output pass over g.
+  xp = _pad_same(x, kh, kw, stride)
+  sums = [jnp.sum(window * g, axis=(0, 1, 2), dtype=jnp.float32)
+          for _, _, window in _taps(xp, kh, kw, stride, out_h, out_w)]
+  dkernel = jnp.stack(sums).reshape(kh, kw, 1, c).astype(kernel.dtype)
+  return dx.astype(x.dtype), dkernel
+
+
+_depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Batch norm fused with its activation.
+
+Activation = Optional[Callable[[jax.Array], jax.Array]]
+
+
+def _swish_grad(y):
+  s = jax.nn.sigmoid(y)
+  return s * (1 + y * (1 - s))
+
+
+def batch_norm_inference(x, mean, var, scale, bias, epsilon: float,
+                         act: Activation) -> jax.Array:
+  """Eval-mode batch norm: one multiply-add per element, then the activation."""
+  a = scale * lax.rsqrt(var + epsilon)
+  b = bias - mean * a
+  y = x * a.astype(x.dtype) + b.astype(x.dtype)
+  return y if act is None else act(y)
+
+
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                     epsilon: float, swish: bool
+                     ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Train-mode batch norm over all but the channel axis, then swish or nothing.
+
+  Returns (output, batch mean, batch variance); statistics are float32 and
+  cover the global batch (under jit with a sharded batch XLA all-reduces).
+  The gradient is written by hand so the backward pass recomputes the
+  normalized input from x instead of storing it.
+  """
+  return _bn_train(x, scale, bias, epsilon, swish)
+
+
+def _moments(x):
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=axes)
+  var = jnp.maximum(jnp.mean(jnp.square(xf), axis=axes) - jnp.square(mean), 0.)
+  return mean, var
+
+
+def _bn_train_forward(x, scale, bias, epsilon, swish):
+  mean, var = _moments(x)
+  inv = lax.rsqrt(var + epsilon)
+  a = scale * inv
+  b = bias - mean * a
+  y = x * a.astype(x.dtype) + b.astype(x.dtype)
+  out = y * jax.nn.sigmoid(y) if swish else y
+  return (out, mean, var), (x, mean, inv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bn_train(x, scale, bias, epsilon, swish):
+  return _bn_train_forward(x, scale, bias, epsilon, swish)[0]
+
+
+def _bn_train_fwd(x, scale, bias, epsilon, swish):
+  outputs, (x, mean, inv) = _bn_train_forward(x, scale, bias, epsilon, swish)
+  return outputs, (x, mean, inv, scale, bias)
+
+
+def _bn_train_bwd(epsilon, swish, residuals, cotangents):
+  del epsilon
+  x, mean, inv, scale, bias = residuals
+  g = cotangents[0]  # statistics feed only the running averages
+  axes = tuple(range(x.ndim - 1))
+  a = (scale * inv).astype(x.dtype)
+  xhat = (x - mean.astype(x.dtype)) * inv.astype(x.dtype)
+  if swish:
+    y = xhat * scale.astype(x.dtype) + bias.astype(x.dtype)
+    g = g * _swish_grad(y)
+  dbias = jnp.sum(g, axis=axes, dtype=jnp.float32)
+  dscale = jnp.sum(g * xhat, axis=axes, dtype=jnp.float32)
+  count = x.size // x.shape[-1]
+  dx = a * (g - (dbias / count).astype(x.dtype)
+            - xhat * (dscale / count).astype(x.dtype))
+  return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+_bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+
+
+def swish(x: jax.Array) -> jax.Array:
+  return x * jax.nn.sigmoid(x)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  return jnp.mean(x, axis=(1, 2), dtype=jnp.float32).astype(x.dtype)
