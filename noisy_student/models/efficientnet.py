@@ -190,6 +190,11 @@ class SqueezeExcite(nn.Module):
     return x * jax.nn.sigmoid(s)
 
 
+def block_survival_prob(index: int, num_blocks: int, final_survival_prob: float) -> float:
+  """Stochastic depth decays linearly with depth: block 0 always survives."""
+  return 1.0 - (1.0 - final_survival_prob) * index / num_blocks
+
+
 def stochastic_depth(x: jax.Array, survival_prob: float, rng: jax.Array) -> jax.Array:
   """Keeps each example's residual branch with probability p, scaled by 1/p."""
   shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -284,7 +289,7 @@ class EfficientNet(nn.Module):
     block_cls = nn.remat(MBConvBlock, static_argnums=(2,)) if self.remat else MBConvBlock
     blocks = block_table(self.width, self.depth, self.small_image)
     for i, args in enumerate(blocks):
-      survival = 1.0 - (1.0 - self.survival_prob) * i / len(blocks)
+      survival = block_survival_prob(i, len(blocks), self.survival_prob)
       x = block_cls(args, survival, self.bn_momentum, self.bn_epsilon, self.conv_impl,
                     self.dtype, name=f"blocks_{i}")(x, train)
 

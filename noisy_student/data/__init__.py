@@ -1,0 +1,16 @@
+"""Input pipelines (tf.data on the host CPU): sources, preprocessing, RandAugment, batches.
+
+Importing this package hides accelerators from TensorFlow (JAX owns them) and registers the embedded
+`digits` tfds builder, so "tfds:digits:train[:N]" works like any dataset.
+"""
+
+import tensorflow as tf
+
+tf.config.set_visible_devices([], "GPU")
+
+from noisy_student.data import digits  # pylint: disable=g-import-not-at-top,wrong-import-position  # registers 'digits'
+from noisy_student.data.pipeline import Noise, eval_iterator, train_iterator  # pylint: disable=g-import-not-at-top,wrong-import-position
+from noisy_student.data.sources import DatasetNotPreparedError, Source, open_source  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+__all__ = ["Noise", "Source", "DatasetNotPreparedError", "digits", "eval_iterator", "open_source",
+           "train_iterator"]

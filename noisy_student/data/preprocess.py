@@ -1,0 +1,131 @@
+"""Official EfficientNet preprocessing as tf ops for tf.data: train crops, eval crop, normalization.
+
+All randomness is stateless with an explicit seed (a [2] int tensor), so the pipeline is deterministic and a
+resumed run reproduces every crop. Crop functions take *encoded* bytes (JPEG or PNG) and return uint8
+[size, size, 3]: JPEGs are decoded only inside the crop window (`decode_and_crop_jpeg`), as the official
+code does, which is what makes ImageNet input fast. Grayscale images become RGB.
+"""
+
+import tensorflow as tf
+
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+CROP_PADDING = 32
+
+
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [h, w, 3]."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _shape(encoded):
+  """[h, w] of an encoded image; cheap for JPEG (header only)."""
+  return tf.cond(tf.io.is_jpeg(encoded),
+                 lambda: tf.image.extract_jpeg_shape(encoded)[:2],
+                 lambda: tf.shape(decode(encoded))[:2])
+
+
+def _decode_window(encoded, window):
+  """Decodes only the window [y, x, h, w] (JPEG) or decodes then crops (other formats)."""
+  def jpeg():
+    return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+
+  def other():
+    return tf.image.crop_to_bounding_box(decode(encoded), window[0], window[1], window[2], window[3])
+
+  image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Bicubic resize to [size, size] (no antialias, as the official code), back to uint8."""
+  out = tf.image.resize(image, [size, size], method="bicubic")
+  return tf.cast(tf.round(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
+
+
+def center_window(shape, size: int, crop_padding: int = CROP_PADDING):
+  """Official eval window: side int(size / (size + pad) * min(h, w)), centered; [y, x, h, w]."""
+  h, w = shape[0], shape[1]
+  side = tf.cast(size / (size + crop_padding) * tf.cast(tf.minimum(h, w), tf.float64), tf.int32)
+  side = tf.maximum(side, 1)
+  return tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
+
+
+def center_crop(encoded: tf.Tensor, size: int, crop_padding: int = CROP_PADDING) -> tf.Tensor:
+  """Eval: official center crop with crop padding 32, then bicubic resize to size."""
+  window = center_window(_shape(encoded), size, crop_padding)
+  return resize(_decode_window(encoded, window), size)
+
+
+def distorted_window(shape, seed, min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
+                     area_range=(0.08, 1.0), max_attempts=10):
+  """Official random-sized crop window [y, x, h, w]; the whole image when all attempts fail."""
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.concat([shape, [3]], 0), bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+      seed=seed, min_object_covered=min_object_covered, aspect_ratio_range=aspect_ratio_range,
+      area_range=area_range, max_attempts=max_attempts, use_image_if_no_bounding_boxes=True)
+  return tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+
+
+def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor, flip: bool = True) -> tf.Tensor:
+  """Train: distorted bounding-box crop (fallback: center crop), bicubic resize, random flip."""
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  shape = _shape(encoded)
+  window = distorted_window(shape, seeds[0])
+  # When every attempt fails the sampler returns the full image; the official code then center-crops.
+  failed = tf.reduce_all(tf.equal(window[2:], shape))
+  window = tf.cond(failed, lambda: center_window(shape, size), lambda: window)
+  image = resize(_decode_window(encoded, window), size)
+  return tf.image.stateless_random_flip_left_right(image, seeds[1]) if flip else image
+
+
+def pad_crop(image: tf.Tensor, size: int, seed: tf.Tensor, pad: int = 4, flip: bool = False) -> tf.Tensor:
+  """Small images (CIFAR/SVHN path): resize to size if needed, reflect-pad `pad`, random size crop."""
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  shape = tf.shape(image)
+  image = tf.cond(tf.reduce_all(tf.equal(shape[:2], [size, size])),
+                  lambda: image, lambda: resize(image, size))
+  image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+  image = tf.image.stateless_random_crop(image, [size, size, 3], seeds[0])
+  return tf.image.stateless_random_flip_left_right(image, seeds[1]) if flip else image
+
+
+def resize_whole(encoded: tf.Tensor, size: int) -> tf.Tensor:
+  """Whole image resized to size (eval for tiny images such as digits, where cropping loses strokes)."""
+  image = decode(encoded)
+  return tf.cond(tf.reduce_all(tf.equal(tf.shape(image)[:2], [size, size])),
+                 lambda: image, lambda: resize(image, size))
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+  """uint8 RGB -> float32, ImageNet mean/std (in 0..255 units), as the official models expect."""
+  image = tf.cast(image, tf.float32)
+  return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+
+
+TRAIN_CROPS = ("inception", "pad_crop", "resize")
+EVAL_CROPS = ("center", "resize")
+
+
+def train_image(encoded, size, seed, crop="inception", flip=True, pad=4):
+  """uint8 [size, size, 3] for training with the named crop (see TRAIN_CROPS)."""
+  if crop == "inception":
+    return inception_crop(encoded, size, seed, flip=flip)
+  if crop == "pad_crop":
+    return pad_crop(decode(encoded), size, seed, pad=pad, flip=flip)
+  if crop == "resize":
+    image = resize_whole(encoded, size)
+    return tf.image.stateless_random_flip_left_right(image, seed) if flip else image
+  raise ValueError(f"Unknown train crop {crop!r}; expected one of {TRAIN_CROPS}.")
+
+
+def eval_image(encoded, size, crop="center"):
+  """uint8 [size, size, 3] for evaluation / labeling (no randomness)."""
+  if crop == "center":
+    return center_crop(encoded, size)
+  if crop == "resize":
+    return resize_whole(encoded, size)
+  raise ValueError(f"Unknown eval crop {crop!r}; expected one of {EVAL_CROPS}.")

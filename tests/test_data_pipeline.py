@@ -1,0 +1,225 @@
+"""Sources and batches: mocked tfds datasets, pseudo-label TFRecords, mixed batches, resume, exact eval."""
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from data_fixtures import digits_data_dir
+from noisy_student import sharding
+from noisy_student.data import pipeline, sources
+
+ONE = dict(process_index=0, process_count=1)
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+  return digits_data_dir()
+
+
+def _example(encoded, key, probs=None, topk=None, label=None):
+  f = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
+       "image/key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[key]))}
+  if probs is not None:
+    f["probabilities"] = tf.train.Feature(float_list=tf.train.FloatList(value=probs))
+    f["label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(np.argmax(probs))]))
+    f["confidence"] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(np.max(probs))]))
+  if topk is not None:
+    f["topk/indices"] = tf.train.Feature(int64_list=tf.train.Int64List(value=topk[0]))
+    f["topk/probabilities"] = tf.train.Feature(float_list=tf.train.FloatList(value=topk[1]))
+  if label is not None:
+    f["label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))
+  return tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString()
+
+
+def write_pseudo_labels(data_dir, out_dir, num_shards=3, split="train[1000:1090]", mode="dense"):
+  """Pseudo-label shards in DESIGN.md's schema from digits images; returns {key: probabilities}."""
+  src = sources.open_source(f"tfds:digits:{split}", data_dir=data_dir, with_key=True, **ONE)
+  rng = np.random.default_rng(0)
+  expected, records = {}, []
+  for ex in src.dataset.as_numpy_iterator():
+    p = rng.dirichlet(np.ones(10)).astype(np.float32)
+    if mode == "dense":
+      records.append(_example(ex["image"], ex["key"], probs=p))
+    elif mode == "topk":
+      idx = np.argsort(-p)[:3]
+      p = np.zeros(10, np.float32) + np.bincount(idx, p[idx] / p[idx].sum(), minlength=10)
+      records.append(_example(ex["image"], ex["key"], topk=(idx, p[idx])))
+    else:
+      records.append(_example(ex["image"], ex["key"], label=int(ex["label"])))
+      p = np.eye(10, dtype=np.float32)[ex["label"]]
+    expected[ex["key"]] = p
+  for s in range(num_shards):
+    with tf.io.TFRecordWriter(f"{out_dir}/labels-{s:05d}-of-{num_shards:05d}.tfrecord") as w:
+      for r in records[s::num_shards]:
+        w.write(r)
+  return expected
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def test_not_prepared_dataset_is_a_clear_error(tmp_path):
+  with pytest.raises(sources.DatasetNotPreparedError, match=r"tfds build mnist --data_dir=") as e:
+    sources.open_source("tfds:mnist:train", data_dir=str(tmp_path), **ONE)
+  assert "never downloads" in str(e.value)
+  with pytest.raises(sources.DatasetNotPreparedError, match="Unknown tfds dataset 'no_such_set'"):
+    sources.open_source("tfds:no_such_set:train", data_dir=str(tmp_path), **ONE)
+  with pytest.raises(ValueError, match="tfds:NAME:SPLIT"):
+    sources.open_source("tfds:digits", data_dir=str(tmp_path), **ONE)
+  with pytest.raises(FileNotFoundError, match="No TFRecord files match"):
+    sources.open_source(str(tmp_path / "labels-*.tfrecord"), **ONE)
+
+
+def test_unlabeled_source_drops_labels_and_keys_are_stable(data_dir):
+  src = sources.open_source("tfds:digits:train[:20]", data_dir=data_dir, labeled=False, with_key=True, **ONE)
+  ex = next(src.dataset.as_numpy_iterator())
+  assert set(ex) == {"image", "key"} and ex["image"][:4] == b"\x89PNG"
+  keys1 = [e["key"] for e in src.dataset.as_numpy_iterator()]
+  keys2 = [e["key"] for e in sources.open_source("tfds:digits:train[:20]", data_dir=data_dir,
+                                                 with_key=True, **ONE).dataset.as_numpy_iterator()]
+  assert keys1 == keys2 and len(set(keys1)) == 20
+
+
+@pytest.mark.parametrize("mode", ["dense", "topk", "hard"])
+def test_pseudo_label_tfrecords(data_dir, tmp_path, mode):
+  expected = write_pseudo_labels(data_dir, tmp_path, mode=mode)
+  src = sources.open_source(str(tmp_path / "labels-*.tfrecord"), with_key=True, num_classes=10, **ONE)
+  assert src.num_examples == 90 and src.num_classes == 10
+  got = list(src.dataset.as_numpy_iterator())
+  assert {e["key"] for e in got} == set(expected)
+  for e in got:
+    target = e["probabilities"] if "probabilities" in e else np.eye(10)[e["label"]]
+    np.testing.assert_allclose(target, expected[e["key"]], rtol=1e-6)
+  # Two processes read disjoint file shards covering everything.
+  parts = [sources.open_source(str(tmp_path / "labels-*.tfrecord"), with_key=True, num_classes=10,
+                               process_index=i, process_count=2) for i in range(2)]
+  keys = [{e["key"] for e in p.dataset.as_numpy_iterator()} for p in parts]
+  assert not keys[0] & keys[1] and keys[0] | keys[1] == set(expected)
+  assert [p.num_examples for p in parts] == [60, 30]
+
+
+def test_bad_pseudo_label_records_name_file_and_key(data_dir, tmp_path):
+  path = tmp_path / "labels-00000-of-00001.tfrecord"
+  with tf.io.TFRecordWriter(str(path)) as w:
+    w.write(tf.train.Example(features=tf.train.Features(feature={
+        "image/key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"k"]))})).SerializeToString())
+  with pytest.raises(ValueError, match=r"labels-00000-of-00001.tfrecord.*'image/encoded'"):
+    sources.open_source(str(path), **ONE)
+  write_pseudo_labels(data_dir, tmp_path, num_shards=1)
+  with pytest.raises(ValueError, match=r"'probabilities' has 10 classes, expected 1000"):
+    sources.open_source(str(path), num_classes=1000, **ONE)
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+@pytest.mark.parametrize("name,size,crop,eval_crop,classes", [
+    ("imagenet2012", 224, "inception", "center", 1000),
+    ("cifar10", 32, "pad_crop", "resize", 10),
+    ("svhn_cropped", 32, "pad_crop", "resize", 10),
+])
+def test_mocked_tfds_datasets_through_train_and_eval(name, size, crop, eval_crop, classes):
+  mesh = sharding.create_mesh()
+  with tfds.testing.mock_data(num_examples=12):
+    src = sources.open_source(f"tfds:{name}:train", **ONE)
+    it = pipeline.train_iterator(src, labeled_batch=8, image_size=size, seed=0, mesh=mesh, crop=crop,
+                                 noise=pipeline.Noise(2, 15))
+    batch = next(it)
+    assert batch["image"].shape == (8, size, size, 3) and batch["image"].dtype == np.float32
+    assert batch["targets"].shape == (8, classes)
+    np.testing.assert_array_equal(np.asarray(batch["targets"]).sum(1), np.ones(8))
+    assert np.asarray(batch["is_labeled"]).all()
+    assert batch["image"].sharding == sharding.batch_sharding(mesh)
+    assert len(batch["image"].addressable_shards) == 8
+    eval_src = sources.open_source(f"tfds:{name}:test", **ONE)
+    batches = list(pipeline.eval_iterator(eval_src, global_batch=8, image_size=size, crop=eval_crop,
+                                          mesh=mesh))
+  assert [b["image"].shape for b in batches] == [(8, size, size, 3)] * 2
+  assert sum(int(np.asarray(b["mask"]).sum()) for b in batches) == 12
+  assert all(0 <= int(l) < classes for b in batches for l in np.asarray(b["label"]))
+
+
+def _small_train(data_dir, tmp_path, start_step, steps, **kw):
+  write_pseudo_labels(data_dir, tmp_path)
+  labeled = sources.open_source("tfds:digits:train[:50]", data_dir=data_dir, **ONE)
+  pseudo = sources.open_source(str(tmp_path / "labels-*.tfrecord"), num_classes=10, **ONE)
+  ds = pipeline.train_dataset(labeled, batch_size=16, image_size=16, seed=42, start_step=start_step,
+                              unlabeled=pseudo, unlabeled_batch_size=32, crop="pad_crop", pad=2,
+                              flip=False, noise=pipeline.Noise(2, 9), **kw)
+  return list(ds.take(steps).as_numpy_iterator())
+
+
+def test_mixed_batches_layout(data_dir, tmp_path):
+  (batch,) = _small_train(data_dir, tmp_path, 0, 1)
+  assert batch["image"].shape == (48, 16, 16, 3) and batch["targets"].shape == (48, 10)
+  np.testing.assert_array_equal(batch["is_labeled"], [True] * 16 + [False] * 32)
+  labeled_t, pseudo_t = batch["targets"][:16], batch["targets"][16:]
+  assert set(np.unique(labeled_t)) == {0.0, 1.0}  # one-hot (smoothing is the loss's job)
+  np.testing.assert_allclose(pseudo_t.sum(1), 1.0, rtol=1e-5)
+  assert (pseudo_t.max(1) < 1.0).all()  # soft teacher distributions
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_resume_gives_the_same_batches(data_dir, tmp_path, cache):
+  # 50 labeled examples, 16 per step: epochs end mid-batch at steps 3, 6, ...; 90 pseudo, 32 per step.
+  full = _small_train(data_dir, tmp_path, 0, 9, cache=cache)
+  resumed = _small_train(data_dir, tmp_path, 5, 4, cache=cache)
+  for a, b in zip(full[5:], resumed):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(full[0]["image"], full[1]["image"])
+
+
+def test_every_epoch_is_a_new_permutation(data_dir):
+  src = sources.open_source("tfds:digits:train[:40]", data_dir=data_dir, with_key=True, **ONE)
+  keys = [e[1]["key"] for e in pipeline.stream(src, start=0, seed=1, stream_id=0).take(120).as_numpy_iterator()]
+  epochs = [keys[i * 40:(i + 1) * 40] for i in range(3)]
+  all_keys = {e["key"] for e in src.dataset.as_numpy_iterator()}
+  for ep in epochs:
+    assert set(ep) == all_keys and len(ep) == 40
+  assert epochs[0] != epochs[1] != epochs[2]
+  positions = [int(p) for p, _ in pipeline.stream(src, start=77, seed=1, stream_id=0).take(3).as_numpy_iterator()]
+  later = [e[1]["key"] for e in pipeline.stream(src, start=77, seed=1, stream_id=0).take(3).as_numpy_iterator()]
+  assert positions == [77, 78, 79] and later == keys[77:80]
+
+
+def test_batch_must_divide_devices(data_dir):
+  src = sources.open_source("tfds:digits:train[:50]", data_dir=data_dir, **ONE)
+  with pytest.raises(ValueError, match="multiple of the 8 batch devices"):
+    next(pipeline.train_iterator(src, labeled_batch=12, image_size=8, seed=0, mesh=sharding.create_mesh()))
+
+
+# -------------------------------------------------------------------------------------------- eval
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_eval_counts_every_example_once(data_dir, devices):
+  mesh = sharding.create_mesh(devices=jax.devices()[:devices])
+  src = sources.open_source("tfds:digits:test", data_dir=data_dir, with_key=True, **ONE)
+  batches = list(pipeline.eval_iterator(src, global_batch=64, image_size=8, crop="resize", mesh=mesh,
+                                        with_raw=True))
+  assert len(batches) == 8  # ceil(497 / 64)
+  masks = np.concatenate([np.asarray(b["mask"]) for b in batches])
+  labels = np.concatenate([np.asarray(b["label"]) for b in batches])
+  assert masks.sum() == 497 and not masks[497:].any()
+  keys = [k for b in batches for k, m in zip(b["local"]["key"], b["local"]["mask"]) if m]
+  assert len(set(keys)) == 497
+  truth = [e["label"] for e in src.dataset.as_numpy_iterator()]
+  np.testing.assert_array_equal(np.bincount(labels[masks], minlength=10), np.bincount(truth, minlength=10))
+
+
+def test_eval_parts_of_three_processes_cover_the_split(data_dir):
+  """Each of 3 processes runs the same number of padded batches; masks count every example once."""
+  keys, nums = [], set()
+  for i in range(3):
+    src = sources.open_source("tfds:digits:test", data_dir=data_dir, with_key=True, process_index=i,
+                              process_count=3)
+    assert src.max_process_examples == 166  # 497 = 166 + 166 + 165
+    n = pipeline.eval_num_batches(src, 16)
+    nums.add(n)
+    for b in pipeline.eval_dataset(src, batch_size=16, num_batches=n, image_size=8, crop="resize",
+                                   with_raw=True).as_numpy_iterator():
+      keys += [k for k, m in zip(b["key"], b["mask"]) if m]
+  assert nums == {11} and len(keys) == len(set(keys)) == 497

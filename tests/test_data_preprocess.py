@@ -1,0 +1,112 @@
+"""Official preprocessing: center-crop arithmetic, random-sized crop constraints, small-image crop."""
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from data_fixtures import color_digits
+from noisy_student.data import preprocess
+
+
+def _encode(image, fmt):
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format=fmt, quality=95)
+  return tf.constant(buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def photo():
+  """A 375x500 natural-ish image (tiled, tinted digits with a gradient), as JPEG and PNG of the same pixels."""
+  tiles = np.concatenate([color_digits(125, 8)[i % 8] for i in range(4)], axis=1)[:, :500]
+  img = np.concatenate([tiles] * 3, axis=0)  # 375 x 500
+  img = np.clip(img.astype(int) + np.linspace(0, 40, 500)[None, :, None], 0, 255).astype(np.uint8)
+  jpeg = _encode(img, "JPEG")
+  decoded = tf.io.decode_jpeg(jpeg).numpy()
+  return jpeg, _encode(decoded, "PNG"), decoded
+
+
+def test_center_window_official_formula():
+  window = preprocess.center_window(tf.constant([375, 500]), 224).numpy()
+  side = int(224 / (224 + 32) * 375)  # 328
+  assert window.tolist() == [(375 - side + 1) // 2, (500 - side + 1) // 2, side, side] == [24, 86, 328, 328]
+  assert preprocess.center_window(tf.constant([600, 600]), 600).numpy()[2] == int(600 / 632 * 600)
+
+
+def test_center_crop_jpeg_and_png_paths_agree(photo):
+  jpeg, png, decoded = photo
+  a = preprocess.center_crop(jpeg, 224).numpy()
+  b = preprocess.center_crop(png, 224).numpy()
+  assert a.shape == (224, 224, 3) and a.dtype == np.uint8
+  # decode_and_crop_jpeg equals decode-then-crop except for chroma upsampling at the window's edge.
+  diff = np.abs(a.astype(int) - b.astype(int))
+  assert (diff[:, :-2] == 0).all() and diff.max() <= 6
+  manual = preprocess.resize(tf.constant(decoded[24:24 + 328, 86:86 + 328]), 224).numpy()
+  np.testing.assert_array_equal(b, manual)
+
+
+def test_inception_crop_windows_respect_constraints(photo):
+  shape = tf.constant([375, 500])
+  areas, ratios = [], []
+  for s in range(60):
+    y, x, h, w = preprocess.distorted_window(shape, tf.constant([s, 1], tf.int64)).numpy()
+    assert 0 <= y and y + h <= 375 and 0 <= x and x + w <= 500
+    areas.append(h * w / (375 * 500))
+    ratios.append(w / h)
+  areas, ratios = np.array(areas), np.array(ratios)
+  assert areas.min() >= 0.08 - 0.01 and areas.max() <= 1.0
+  assert ratios.min() >= 0.75 - 0.02 and ratios.max() <= 4 / 3 + 0.02
+  assert areas.std() > 0.1  # really random-sized
+
+
+def test_inception_crop_deterministic_per_seed(photo):
+  jpeg = photo[0]
+  a = preprocess.inception_crop(jpeg, 64, tf.constant([7, 7], tf.int64)).numpy()
+  b = preprocess.inception_crop(jpeg, 64, tf.constant([7, 7], tf.int64)).numpy()
+  c = preprocess.inception_crop(jpeg, 64, tf.constant([8, 7], tf.int64)).numpy()
+  assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+
+
+def test_inception_crop_falls_back_to_center_crop():
+  # A 2x300 strip: no window with aspect 3/4..4/3 covers 8% of it, so all 10 attempts fail.
+  strip = np.tile(np.arange(300, dtype=np.uint8)[None, :, None], [2, 1, 3])
+  png = _encode(strip, "PNG")
+  out = preprocess.inception_crop(png, 16, tf.constant([1, 2], tf.int64), flip=False).numpy()
+  np.testing.assert_array_equal(out, preprocess.center_crop(png, 16).numpy())
+
+
+def test_pad_crop_is_a_window_of_the_reflect_padded_image():
+  img = color_digits(32, 1)[0]
+  padded = np.pad(img, [[4, 4], [4, 4], [0, 0]], mode="reflect")
+  offsets = set()
+  for s in range(20):
+    out = preprocess.pad_crop(tf.constant(img), 32, tf.constant([s, 3], tf.int64)).numpy()
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    match = [(y, x) for y in range(9) for x in range(9) if np.array_equal(padded[y:y + 32, x:x + 32], out)]
+    assert match
+    offsets.add(match[0])
+  assert len(offsets) > 5
+
+
+def test_grayscale_becomes_rgb_and_normalize():
+  gray = np.arange(64, dtype=np.uint8).reshape(8, 8, 1) * 4
+  out = preprocess.resize_whole(_encode(gray[..., 0], "PNG"), 8).numpy()
+  assert out.shape == (8, 8, 3)
+  np.testing.assert_array_equal(out[..., 0], gray[..., 0])
+  np.testing.assert_array_equal(out[..., 2], gray[..., 0])
+  mean = np.array(preprocess.MEAN_RGB)
+  x = preprocess.normalize(tf.constant(np.broadcast_to(np.round(mean), (2, 2, 3)).astype(np.uint8))).numpy()
+  assert x.dtype == np.float32 and np.abs(x).max() < 0.01
+  white = preprocess.normalize(tf.fill([1, 1, 3], tf.constant(255, tf.uint8))).numpy()[0, 0]
+  np.testing.assert_allclose(white, (255 - mean) / np.array(preprocess.STDDEV_RGB), rtol=1e-6)
+
+
+def test_unknown_crop_names_are_errors(photo):
+  with pytest.raises(ValueError, match="inception"):
+    preprocess.train_image(photo[0], 32, tf.constant([0, 0]), crop="random")
+  with pytest.raises(ValueError, match="center"):
+    preprocess.eval_image(photo[0], 32, crop="inception")
