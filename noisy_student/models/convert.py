@@ -211,7 +211,10 @@ def load_tf_checkpoint(path: str, model_name: str, num_classes: Optional[int] = 
   See tf_variables_to_flax for the name mapping and the checks.
   """
   import tensorflow as tf  # heavy; only needed here
-  tf.config.set_visible_devices([], "GPU")  # TF must never take an accelerator
+  try:
+    tf.config.set_visible_devices([], "GPU")  # TF must never take an accelerator
+  except RuntimeError:  # TF already initialized its devices; whoever did chose them
+    pass
   try:
     reader = tf.train.load_checkpoint(path)
   except (ValueError, tf.errors.OpError) as e:

@@ -149,13 +149,28 @@ def _depthwise_shifted_bwd(stride, residuals, g):
     term = window * kernel[kh - 1 - i, kw - 1 - j, 0]
     dx = term if dx is None else dx + term
 
-  # Kernel gradient: one reduction per tap over the same windows the forward
-  # pass read; XLA fuses them into a single multi-output pass over g.
+  # Kernel gradient: per tap, sum(window * g) over batch and space. XLA:CPU
+  # would copy every window out before reducing it, so the products are first
+  # summed over chunks of rows with explicit adds, for all taps in one loop
+  # over g (reading each input once), and only that 8x smaller stack is
+  # reduced.
   xp = _pad_same(x, kh, kw, stride)
-  sums = [jnp.sum(window * g, axis=(0, 1, 2), dtype=jnp.float32)
-          for _, _, window in _taps(xp, kh, kw, stride, out_h, out_w)]
-  dkernel = jnp.stack(sums).reshape(kh, kw, 1, c).astype(kernel.dtype)
-  return dx.astype(x.dtype), dkernel
+  chunk = min(_ROW_CHUNK, out_h)
+  partials = []
+  for _, _, window in _taps(xp, kh, kw, stride, out_h, out_w):
+    product = (window * g).astype(jnp.float32)
+    if out_h % chunk:
+      product = jnp.pad(product, ((0, 0), (0, chunk - out_h % chunk), (0, 0), (0, 0)))
+    product = product.reshape(n, -1, chunk, out_w, c)
+    partial = product[:, :, 0]
+    for row in range(1, chunk):
+      partial = partial + product[:, :, row]
+    partials.append(partial)
+  dkernel = jnp.sum(jnp.stack(partials), axis=(1, 2, 3))
+  return dx.astype(x.dtype), dkernel.reshape(kh, kw, 1, c).astype(kernel.dtype)
+
+
+_ROW_CHUNK = 8
 
 
 _depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)

@@ -1,0 +1,147 @@
+"""EfficientNet train-step and inference throughput (img/s), per depthwise implementation.
+
+    python benchmarks/model_throughput.py --model=efficientnet-b0 --batch=32 --resolution=224
+
+Times one jitted train step (forward, backward, RMSProp update, batch-norm
+update, donated state) and one jitted eval-mode forward pass on a fixed batch
+already on the device, after compilation, for each `--impls` entry; prints
+XLA's FLOP count per image beside the paper's multiply-add count, and which
+allocator ran. Compare rows within one run: absolute numbers depend on the host.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from noisy_student import allocator  # noqa: E402
+
+if __name__ == "__main__" and "--no_reexec" not in sys.argv:
+  allocator.reexec_with_fast_allocator()  # before jax allocates anything
+ALLOCATOR = allocator.describe()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from noisy_student.models import create_model  # noqa: E402
+
+# Multiply-adds per image at the native resolution (EfficientNet paper, Table 2).
+PAPER_MADDS = {"efficientnet-b0": 0.39e9, "efficientnet-b1": 0.70e9, "efficientnet-b2": 1.0e9,
+               "efficientnet-b3": 1.8e9, "efficientnet-b4": 4.2e9, "efficientnet-b5": 9.9e9,
+               "efficientnet-b6": 19e9, "efficientnet-b7": 37e9}
+
+
+def build(model_name, impl, batch, resolution, num_classes):
+  model = create_model(model_name, num_classes=num_classes, conv_impl=impl)
+  images = jax.random.normal(jax.random.key(0), (batch, resolution, resolution, 3))
+  labels = jax.random.randint(jax.random.key(1), (batch,), 0, num_classes)
+  variables = jax.jit(lambda: model.init(jax.random.key(2), images[:1], train=False))()
+  tx = optax.rmsprop(0.01, decay=0.9, eps=1e-3, momentum=0.9)
+  state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+
+  def train_step(state, images, labels, step):
+    params, batch_stats, opt_state = state
+
+    def loss_fn(params):
+      logits, new_vars = model.apply(
+          {"params": params, "batch_stats": batch_stats}, images, train=True,
+          mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(jax.random.key(3), step)})
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, new_vars["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+  def infer(variables, images):
+    return model.apply(variables, images, train=False)
+
+  train = jax.jit(train_step, donate_argnums=0)
+  infer = jax.jit(infer)
+  return train, infer, state, variables, images, labels
+
+
+def flops(compiled):
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def time_calls(fn, steps, warmup):
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", default="efficientnet-b0")
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--resolution", type=int, default=224)
+  parser.add_argument("--num_classes", type=int, default=1000)
+  parser.add_argument("--impls", default="xla,shifted", help="comma-separated conv_impl values")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps (median is reported)")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--skip", default="", help="'train' or 'infer' to skip one")
+  parser.add_argument("--no_reexec", action="store_true",
+                      help="run under the allocator and XLA_FLAGS of the calling environment")
+  args = parser.parse_args()
+
+  print(f"{args.model} batch {args.batch} at {args.resolution}px on {jax.devices()[0].platform} "
+        f"({jax.device_count()} device(s)); allocator: {ALLOCATOR}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  paper = PAPER_MADDS.get(args.model)
+  rows = []
+  for impl in args.impls.split(","):
+    train, infer, state, variables, images, labels = build(
+        args.model, impl, args.batch, args.resolution, args.num_classes)
+    row = {"impl": impl}
+    # Inference first: the train step donates (deletes) the initial state.
+    if args.skip != "infer":
+      start = time.perf_counter()
+      compiled = infer.lower(variables, images).compile()
+      row["infer_compile_s"] = time.perf_counter() - start
+      row["infer_gflops_per_img"] = flops(compiled) / args.batch / 1e9
+      row["infer_img_s"] = args.batch / time_calls(lambda: compiled(variables, images),
+                                                   args.steps, args.warmup)
+    if args.skip != "train":
+      start = time.perf_counter()
+      compiled = train.lower(state, images, labels, 0).compile()
+      row["train_compile_s"] = time.perf_counter() - start
+      row["train_gflops_per_img"] = flops(compiled) / args.batch / 1e9
+      holder = {"state": state, "step": 0}
+
+      def one_step():
+        holder["state"], loss = compiled(holder["state"], images, labels, holder["step"])
+        holder["step"] += 1
+        return loss
+
+      row["train_img_s"] = args.batch / time_calls(one_step, args.steps, args.warmup)
+    rows.append(row)
+
+  header = f"{'impl':>8} {'train img/s':>12} {'infer img/s':>12} {'train GFLOP/img':>16} {'infer GFLOP/img':>16}"
+  print(header)
+  for r in rows:
+    print(f"{r['impl']:>8} {r.get('train_img_s', float('nan')):12.1f} "
+          f"{r.get('infer_img_s', float('nan')):12.1f} "
+          f"{r.get('train_gflops_per_img', float('nan')):16.2f} "
+          f"{r.get('infer_gflops_per_img', float('nan')):16.2f}")
+  print("compile seconds: " + ", ".join(
+      f"{r['impl']} train {r.get('train_compile_s', float('nan')):.0f} / "
+      f"infer {r.get('infer_compile_s', float('nan')):.0f}" for r in rows))
+  if paper:
+    print(f"paper: {paper / 1e9:.2f} G multiply-adds per image = {2 * paper / 1e9:.2f} GFLOP "
+          f"(forward, at the native resolution)")
+
+
+if __name__ == "__main__":
+  main()
