@@ -24,7 +24,9 @@ def create_manager(directory: str, *, max_to_keep: Optional[int] = 3,
   """A manager keeping the newest `max_to_keep` steps under `directory` (local path or gs://)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                          create=True)
-  return ocp.CheckpointManager(epath.Path(directory), options=options)
+  # Naming the handler lets a fresh manager (a restarted job) read item metadata before any save.
+  return ocp.CheckpointManager(epath.Path(directory), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(manager: ocp.CheckpointManager, state: Any, step: int, *, force: bool = False) -> bool:
@@ -38,22 +40,22 @@ def _flat_shapes(tree: Any) -> Dict[str, Tuple[int, ...]]:
   return {k: tuple(getattr(v, "shape", np.shape(v))) for k, v in flat.items()}
 
 
-def check_compatible(saved: Any, expected: Any, where: str = "checkpoint") -> None:
+def check_compatible(saved: Any, expected: Any, where: str = "the checkpoint") -> None:
   """Raises CheckpointMismatchError naming the first differing variables and their shapes."""
   saved, expected = _flat_shapes(saved), _flat_shapes(expected)
   problems = []
   for key in sorted(set(saved) | set(expected)):
     if key not in saved:
-      problems.append(f"{key}: missing from the {where} (model expects shape {expected[key]})")
+      problems.append(f"{key}: missing from the checkpoint (model expects shape {expected[key]})")
     elif key not in expected:
-      problems.append(f"{key}: in the {where} (shape {saved[key]}) but not in the model")
+      problems.append(f"{key}: in the checkpoint (shape {saved[key]}) but not in the model")
     elif saved[key] != expected[key]:
-      problems.append(f"{key}: {where} has shape {saved[key]}, model expects {expected[key]}")
+      problems.append(f"{key}: checkpoint has shape {saved[key]}, model expects {expected[key]}")
   if problems:
     more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
     raise CheckpointMismatchError(
-        f"The {where} does not match the model (a different model, class count or optimizer?): "
-        + "; ".join(problems[:5]) + more)
+        f"{where[0].upper()}{where[1:]} does not match the model (a different model, class count or "
+        f"optimizer?): " + "; ".join(problems[:5]) + more)
 
 
 def restore_latest(manager: ocp.CheckpointManager, template: Any) -> Optional[Any]:
@@ -67,7 +69,8 @@ def restore_latest(manager: ocp.CheckpointManager, template: Any) -> Optional[An
     return None
   target = flax.serialization.to_state_dict(template)
   metadata = manager.item_metadata(step)
-  check_compatible(_metadata_tree(metadata), target, where=f"checkpoint at step {step} in {manager.directory}")
+  check_compatible(_metadata_tree(metadata), target,
+                   where=f"the checkpoint at step {step} in {manager.directory}")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   return flax.serialization.from_state_dict(template, restored)

@@ -137,8 +137,12 @@ def _key_data(rng: Array) -> Array:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array,
-                       image_size: int) -> TrainState:
-  """Initialises variables under jit (eager init of EfficientNet is far slower on CPU)."""
+                       image_size: int, mesh: Optional[Mesh] = None) -> TrainState:
+  """Initialises variables under jit (eager init of EfficientNet is far slower on CPU).
+
+  With `mesh`, the state is created replicated on it directly (every process computes the same values from
+  the same key), the multi-host way; without, it lands on the default device (`replicate` moves it).
+  """
   def init(rng):
     init_rng, train_rng = jax.random.split(rng)
     variables = model.init(init_rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
@@ -150,12 +154,13 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
 
   if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.wrap_key_data(rng)
-  state = jax.jit(init)(rng)
+  out_shardings = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+  state = jax.jit(init, out_shardings=out_shardings)(rng)
   return state.replace(rng=_key_data(state.rng))
 
 
 def replicate(state: TrainState, mesh: Mesh) -> TrainState:
-  """Places the state on every device of `mesh` (fresh buffers: safe to donate)."""
+  """Places a single-host state on every device of `mesh` (fresh buffers: safe to donate)."""
   host = jax.device_get(state)
   return jax.device_put(host, NamedSharding(mesh, PartitionSpec()))
 
