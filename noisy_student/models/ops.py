@@ -103,11 +103,8 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int,
       feature_group_count=x.shape[-1])
 
 
-def _depthwise_forward(x, kernel, stride):
+def _depthwise_padded(xp, kernel, stride, out_h, out_w):
   kh, kw = kernel.shape[:2]
-  out_h = -(-x.shape[1] // stride)
-  out_w = -(-x.shape[2] // stride)
-  xp = _pad_same(x, kh, kw, stride)
   out = None
   for i, j, window in _taps(xp, kh, kw, stride, out_h, out_w):
     term = window * kernel[i, j, 0]
@@ -117,17 +114,25 @@ def _depthwise_forward(x, kernel, stride):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _depthwise_shifted(x, kernel, stride):
-  return _depthwise_forward(x, kernel, stride)
+  return _depthwise_shifted_fwd(x, kernel, stride)[0]
 
 
 def _depthwise_shifted_fwd(x, kernel, stride):
-  return _depthwise_forward(x, kernel, stride), (x, kernel)
+  # The padded input is what both passes read, so it is the residual: XLA
+  # writes it once, fused with whatever produced x, and the backward pass
+  # does not pad again.
+  kh, kw = kernel.shape[:2]
+  xp = _pad_same(x, kh, kw, stride)
+  out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+  residuals = (xp, kernel, jnp.zeros((0,) + x.shape[1:3], x.dtype))  # last: x's size
+  return _depthwise_padded(xp, kernel, stride, out_h, out_w), residuals
 
 
 def _depthwise_shifted_bwd(stride, residuals, g):
-  x, kernel = residuals
+  xp, kernel, size = residuals
   kh, kw = kernel.shape[:2]
-  n, h, w, c = x.shape
+  n, _, _, c = xp.shape
+  h, w = size.shape[1:]
   out_h, out_w = g.shape[1:3]
   top, _ = same_padding(h, kh, stride)
   left, _ = same_padding(w, kw, stride)
@@ -154,8 +159,7 @@ def _depthwise_shifted_bwd(stride, residuals, g):
   # summed over chunks of rows with explicit adds, for all taps in one loop
   # over g (reading each input once), and only that 8x smaller stack is
   # reduced.
-  xp = _pad_same(x, kh, kw, stride)
-  chunk = min(_ROW_CHUNK, out_h)
+  chunk = _row_chunk(out_h)
   partials = []
   for _, _, window in _taps(xp, kh, kw, stride, out_h, out_w):
     product = (window * g).astype(jnp.float32)
@@ -167,10 +171,15 @@ def _depthwise_shifted_bwd(stride, residuals, g):
       partial = partial + product[:, :, row]
     partials.append(partial)
   dkernel = jnp.sum(jnp.stack(partials), axis=(1, 2, 3))
-  return dx.astype(x.dtype), dkernel.reshape(kh, kw, 1, c).astype(kernel.dtype)
+  return dx.astype(xp.dtype), dkernel.reshape(kh, kw, 1, c).astype(kernel.dtype)
 
 
-_ROW_CHUNK = 8
+def _row_chunk(rows: int, most: int = 8) -> int:
+  """Rows summed per partial: a divisor of `rows` near `most` (no padding), else `most`."""
+  for chunk in range(min(most, rows), most // 2, -1):
+    if rows % chunk == 0:
+      return chunk
+  return min(most, rows)
 
 
 _depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
