@@ -36,4 +36,5 @@ setuptools.setup(
         ],
         "tpu": ["jax[tpu]>=0.9,<0.11"],
     },
+    entry_points={"console_scripts": ["noisy_student=noisy_student.__main__:run"]},
 )

@@ -297,3 +297,16 @@ def check_finite(loss: Any, step: int) -> None:
   if not np.isfinite(value):
     raise FloatingPointError(f"Non-finite loss {value} at step {int(step)}; stopping without saving "
                              f"(the latest checkpoint is from before this step).")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train_and_evaluate(config: Any, workdir: str) -> Dict[str, float]:
+  """Trains per `config` in `workdir` (resuming), returns the final EMA eval metrics.
+
+  The loop itself lives in trainer_loop.py (restore, checkpoints, writers, SIGTERM); this name is the
+  library's entry point, as DESIGN.md promises.
+  """
+  from noisy_student import trainer_loop  # pylint: disable=g-import-not-at-top  # it imports this module
+  return trainer_loop.train_and_evaluate(config, workdir)

@@ -1,0 +1,26 @@
+"""The key layout every config shares (train.py and __main__ read exactly these keys)."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults of the paper's ImageNet recipe; task configs override what differs."""
+  c = ml_collections.ConfigDict()
+  c.mode = "train"
+  c.seed = 0
+  c.model = dict(name="efficientnet-b0", num_classes=1000, dropout_rate=0.2, survival_prob=0.8,
+                 bn_momentum=0.99, image_size=224, small_image=False)
+  # unlabeled: pseudo-labeled TFRecord glob (a student); unlabeled_source: raw images the teacher labels.
+  c.data = dict(labeled="", unlabeled="", unlabeled_source="", eval="", ratio=0, labeled_batch=2048,
+                eval_batch=1024, randaugment_layers=0, randaugment_magnitude=0.0, crop="inception",
+                eval_crop="center", flip=True, data_dir="")
+  c.optimizer = dict(name="rmsprop", base_lr=0.016, weight_decay=1e-5, warmup_epochs=5.0,
+                     schedule="exponential", ema_decay=0.9999, label_smoothing=0.1)
+  c.num_train_steps = 0  # > 0 overrides num_epochs
+  c.num_epochs = 350.0
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_every_steps = 0
+  c.mesh = dict(fsdp=1)
+  return c

@@ -1,0 +1,102 @@
+"""python -m noisy_student --config=configs/FILE.py[:ARGS] --workdir=DIR [--config.key=value ...]
+
+The only module that reads flags. Configs are locked, so a mistyped `--config.key` is an error naming the key.
+Without --config it runs configs/digits.py (the CPU demo). Multi-host: --coordinator_address, --num_processes
+and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed alone on
+TPU VM pods where jax finds the cluster itself.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from noisy_student import allocator
+
+_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_DEFAULT_CONFIG = os.path.join(_REPO_CONFIGS, "digits.py")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG if os.path.exists(_DEFAULT_CONFIG) else None,
+    "ml_collections config file (optionally FILE.py:ARGS); defaults to configs/digits.py.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, summaries, config.json and eval.json go "
+                               "(local path or gs://).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() even without an "
+                                 "explicit coordinator (TPU VM pods, SLURM: jax detects the cluster).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                                   "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "gloo", "Collectives for multi-process CPU runs.")
+
+
+def _env(name):
+  value = os.environ.get(name)
+  return int(value) if value not in (None, "") else None
+
+
+def _initialize_distributed() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  num_processes = _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else _env("JAX_NUM_PROCESSES")
+  process_id = _PROCESS_ID.value if _PROCESS_ID.value is not None else _env("JAX_PROCESS_ID")
+  if _COORDINATOR.value:
+    if num_processes is None or process_id is None:
+      raise app.UsageError("--coordinator_address needs --num_processes and --process_id "
+                           "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID).")
+    jax.config.update("jax_cpu_collectives_implementation", _CPU_COLLECTIVES.value)
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=num_processes, process_id=process_id)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("jax.distributed: process %d of %d, %d devices in all.", jax.process_index(),
+               jax.process_count(), jax.device_count())
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError(f"No --config given and no default at {_DEFAULT_CONFIG}.")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required.")
+  _initialize_distributed()
+  import jax  # pylint: disable=g-import-not-at-top
+  from noisy_student import train, trainer_loop  # pylint: disable=g-import-not-at-top
+  from noisy_student.checkpoint import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
+
+  workdir = epath.Path(_WORKDIR.value)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  logging.info("Config:\n%s", config)
+
+  try:
+    if config.mode == "train":
+      result = train.train_and_evaluate(config, str(workdir))
+    elif config.mode == "evaluate":
+      result = trainer_loop.evaluate_checkpoint(config, str(workdir))
+    elif config.mode in ("label", "iterate"):
+      raise NotImplementedError(f"config.mode={config.mode!r} is not implemented yet (issue 5); "
+                                "'train' and 'evaluate' are.")
+    else:
+      raise app.UsageError(f"Unknown config.mode {config.mode!r}; use train, evaluate, label or iterate.")
+  except (FileNotFoundError, CheckpointMismatchError) as e:  # incl. DatasetNotPreparedError
+    # Errors a user fixes from the command line: one clear line, not a traceback.
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(f"error: {type(e).__name__}: {e}")
+  logging.info("Result: %s", result)
+
+
+def run() -> None:
+  """Console-script entry point: re-executes under a fast allocator before jax is imported, then runs."""
+  allocator.reexec_with_fast_allocator()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,256 @@
+"""train_and_evaluate(config, workdir): the host loop around the compiled steps of train.py.
+
+Kept apart from train.py so the step math stays readable: this module owns what a run does over time —
+restore, the data iterator at the restored step, periodic checkpoints (never of a non-finite loss), scalars
+through clu writers (process 0 only), EMA evaluation, SIGTERM -> checkpoint and a clean return, eval.json.
+Every path goes through etils.epath, so WORKDIR may be a gs:// bucket.
+"""
+
+import json
+import signal
+import threading
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
+
+from noisy_student import checkpoint, sharding
+from noisy_student import train as train_lib
+from noisy_student import data as data_lib
+from noisy_student.models import create_model
+
+CHECKPOINT_DIR = "checkpoints"
+EVAL_FILE = "eval.json"
+
+
+def _opt(value):
+  """'' / None in configs mean "not set"."""
+  return value or None
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The EfficientNet of config.model with its noise knobs (dropout, stochastic depth, BN momentum)."""
+  m = config.model
+  overrides = dict(dropout_rate=m.dropout_rate, survival_prob=m.survival_prob, bn_momentum=m.bn_momentum)
+  if m.get("small_image"):
+    overrides["small_image"] = True
+  return create_model(m.name, num_classes, **overrides)
+
+
+def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
+  """(schedule, optax transformation) of config.optimizer; the lr is scaled by the labeled batch, as the
+  official code scales by train_batch_size."""
+  opt = config.optimizer
+  schedule = train_lib.learning_rate_schedule(opt.base_lr, config.data.labeled_batch, steps_per_epoch,
+                                              total_steps, warmup_epochs=opt.warmup_epochs,
+                                              schedule=opt.schedule)
+  return schedule, train_lib.create_optimizer(opt.name, schedule, opt.weight_decay)
+
+
+def _train_steps(config, num_examples: int) -> int:
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  if config.get("num_epochs", 0) > 0:
+    return max(1, int(config.num_epochs * num_examples / config.data.labeled_batch))
+  raise ValueError("Set config.num_train_steps (> 0) or config.num_epochs (> 0).")
+
+
+def evaluate(eval_step, variables, source, config, mesh) -> Dict[str, float]:
+  """Top-1 / top-5 of `variables` over the whole eval source (exact on any device count)."""
+  totals = None
+  for batch in data_lib.eval_iterator(source, global_batch=config.data.eval_batch,
+                                      image_size=config.model.image_size,
+                                      crop=config.data.get("eval_crop", "center"), mesh=mesh):
+    totals = train_lib.accumulate_eval(totals, eval_step(variables, batch))
+  return train_lib.eval_summary(totals)
+
+
+class _Preemption:
+  """Records SIGTERM while installed; the loop polls it and saves (a signal handler must not do I/O)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):  # pylint: disable=unused-argument
+      logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+      self.requested = True
+    if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self) -> bool:
+    """True when any process was asked to stop (all processes must stop at the same step)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
+def _write_json(path: epath.Path, obj: Any) -> None:
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  """Trains (resuming from WORKDIR/checkpoints if present), evaluates the EMA weights, returns eval metrics.
+
+  The returned dict holds 'top1', 'top5', 'count' and 'step'; it is also written to WORKDIR/eval.json. A
+  SIGTERM saves a checkpoint at the current step and returns {'preempted': True, 'step': step} instead.
+  """
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  data_dir = _opt(config.data.data_dir)
+  mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
+
+  labeled = data_lib.open_source(config.data.labeled, data_dir=data_dir, num_classes=config.model.num_classes)
+  unlabeled = None
+  if config.data.ratio and not _opt(config.data.unlabeled):
+    raise ValueError(f"config.data.ratio={config.data.ratio} needs pseudo-labeled TFRecords in "
+                     "config.data.unlabeled (a glob); set ratio=0 to train on labeled data only.")
+  if _opt(config.data.unlabeled) and not config.data.ratio:
+    logging.warning("config.data.unlabeled=%r is ignored because config.data.ratio is 0.",
+                    config.data.unlabeled)
+  if _opt(config.data.unlabeled) and config.data.ratio:
+    unlabeled = data_lib.open_source(config.data.unlabeled, data_dir=data_dir,
+                                     num_classes=config.model.num_classes)
+  eval_source = data_lib.open_source(config.data.eval, data_dir=data_dir,
+                                     num_classes=config.model.num_classes)
+
+  num_classes = config.model.num_classes
+  total_labeled = labeled.num_examples * labeled.process_count
+  steps_per_epoch = max(1, total_labeled // config.data.labeled_batch)
+  total_steps = _train_steps(config, total_labeled)
+  opt = config.optimizer
+  schedule, tx = build_optimizer(config, steps_per_epoch, total_steps)
+  model = build_model(config, num_classes)
+
+  state = train_lib.create_train_state(model, tx, jax.random.key(config.seed), config.model.image_size,
+                                       mesh=mesh)
+  manager = checkpoint.create_manager(str(workdir / CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
+  restored = checkpoint.restore_latest(manager, state)
+  if restored is not None:
+    state = restored
+    logging.info("Restored the train state from step %d in %s.", int(state.step), manager.directory)
+  start_step = int(jax.device_get(state.step))
+
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    parameter_overview.log_parameter_overview(state.params, msg="Model parameters",
+                                              jax_logging_process=0)
+    writer.write_hparams(_flat(config.to_dict()))
+
+  train_step = train_lib.make_train_step(model, tx, mesh, label_smoothing=opt.label_smoothing,
+                                         ema_decay=opt.ema_decay, schedule=schedule)
+  eval_step = train_lib.make_eval_step(model, mesh)
+  batches = data_lib.train_iterator(
+      labeled, labeled_batch=config.data.labeled_batch, image_size=config.model.image_size,
+      seed=config.seed, start_step=start_step, unlabeled=unlabeled,
+      ratio=config.data.ratio if unlabeled is not None else 0, mesh=mesh, num_classes=num_classes,
+      crop=config.data.crop, flip=config.data.get("flip", True),
+      noise=data_lib.Noise(config.data.randaugment_layers, config.data.randaugment_magnitude))
+  global_batch = config.data.labeled_batch * (1 + (config.data.ratio if unlabeled is not None else 0))
+
+  hooks = []
+  if jax.process_index() == 0:
+    hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                                 every_steps=config.log_every_steps, every_secs=None))
+  log_every = max(1, config.log_every_steps)
+  pending, last_loss = [], None
+  interval_start, interval_step = time.monotonic(), start_step
+
+  def save(step, force=False):
+    if last_loss is not None:
+      train_lib.check_finite(last_loss, step)
+    checkpoint.save(manager, state, step, force=force)
+
+  step = start_step
+  try:
+    with _Preemption() as preemption:
+      while step < total_steps:
+        state, metrics = train_step(state, next(batches))
+        step += 1
+        last_loss = metrics["loss"]
+        pending.append(metrics)
+        if step == start_step + 1:  # the first step compiled: leave it out of img/s
+          interval_start, interval_step = time.monotonic(), step
+        for hook in hooks:
+          hook(step)
+        if step % log_every == 0 or step == total_steps:
+          scalars = _mean(pending)
+          pending = []
+          train_lib.check_finite(scalars["loss"], step)
+          elapsed = time.monotonic() - interval_start
+          scalars["img_per_sec"] = (step - interval_step) * global_batch / max(elapsed, 1e-9)
+          interval_start, interval_step = time.monotonic(), step
+          writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+        if step % config.checkpoint_every_steps == 0 and step < total_steps:
+          save(step)
+        if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < total_steps:
+          result = evaluate(eval_step, train_lib.eval_variables(state), eval_source, config, mesh)
+          writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+        # Multi-host: poll (a collective) only at log steps, so all processes stop at the same step.
+        if (jax.process_count() == 1 or step % log_every == 0) and preemption.agreed():
+          if manager.latest_step() != step:  # unless the periodic save just wrote this step
+            save(step, force=True)
+          manager.wait_until_finished()
+          writer.flush()
+          logging.warning("Stopped at step %d after SIGTERM; rerun the same command to resume.", step)
+          return {"preempted": True, "step": step}
+    if manager.latest_step() != step:
+      save(step, force=True)
+    result = evaluate(eval_step, train_lib.eval_variables(state), eval_source, config, mesh)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+    result = dict(result, step=step)
+    _write_json(workdir / EVAL_FILE, result)
+    logging.info("Final eval at step %d: %s", step, result)
+    return result
+  finally:
+    manager.wait_until_finished()
+    writer.flush()
+
+
+def _mean(metrics_list) -> Dict[str, float]:
+  host = jax.device_get(metrics_list)
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Optional[Dict[str, float]]:
+  """mode='evaluate': the latest checkpoint's EMA weights on config.data.eval, written to eval.json."""
+  workdir = epath.Path(workdir)
+  mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
+  model = build_model(config, config.model.num_classes)
+  _, tx = build_optimizer(config, 1, 1)  # only the state's structure matters for restoring
+  template = train_lib.create_train_state(model, tx, jax.random.key(config.seed), config.model.image_size,
+                                          mesh=mesh)
+  manager = checkpoint.create_manager(str(workdir / CHECKPOINT_DIR), max_to_keep=None)
+  state = checkpoint.restore_latest(manager, template)
+  if state is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir / CHECKPOINT_DIR} to evaluate.")
+  source = data_lib.open_source(config.data.eval, data_dir=_opt(config.data.data_dir),
+                                num_classes=config.model.num_classes)
+  result = evaluate(train_lib.make_eval_step(model, mesh), train_lib.eval_variables(state), source, config,
+                    mesh)
+  result = dict(result, step=int(jax.device_get(state.step)))
+  _write_json(workdir / EVAL_FILE, result)
+  return result

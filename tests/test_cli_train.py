@@ -1,0 +1,216 @@
+"""The command line end to end: `python -m noisy_student` trains digits, survives SIGTERM, resumes, and
+reaches the measured accuracy; bad keys and missing datasets fail naming the problem; every config locks.
+
+Subprocesses run on one simulated CPU device (the sharded paths are tested in test_train.py), with the
+digits data prepared once in a temporary data_dir.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from data_fixtures import digits_data_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+
+# Measured on this machine, seeds 0, 1, 2 of configs/digits.py (300 steps, labeled data only): test top-1
+# 0.952, 0.942, 0.952 (see README); the resumed seed-0 run below reproduces 0.952 exactly, two processes got
+# 0.942. The bound is 2 points under the lowest: room for seed and platform noise, while a broken loss,
+# schedule, EMA or eval (e.g. raw weights with unconverged BN statistics) falls well below it.
+DIGITS_TOP1_BOUND = 0.92
+
+
+def _env(devices=1):
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  return env
+
+
+def _command(workdir, *overrides):
+  return [sys.executable, "-m", "noisy_student", "--config=configs/digits.py", f"--workdir={workdir}",
+          f"--config.data.data_dir={digits_data_dir()}", *overrides]
+
+
+def _run(workdir, *overrides, timeout=300):
+  return subprocess.run(_command(workdir, *overrides), cwd=REPO, env=_env(), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _steps(workdir):
+  return sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
+
+
+def test_train_sigterm_resume_and_accuracy(tmp_path):
+  """SIGTERM mid-run saves and exits 0; the same command resumes there and reaches the measured accuracy."""
+  workdir = str(tmp_path / "digits")
+  proc = subprocess.Popen(_command(workdir, "--config.log_every_steps=10"), cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:  # the first train scalars mean the loop (and its SIGTERM handler) is running
+    lines.append(line)
+    if re.search(r"\[10\] train/", line):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = "".join(lines) + proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-3000:]
+  stopped = re.search(r"Stopped at step (\d+) after SIGTERM", out)
+  assert stopped, out[-3000:]
+  stop_step = int(stopped.group(1))
+  assert 10 <= stop_step < 300
+  assert _steps(workdir)[-1] == stop_step
+  assert not os.path.exists(os.path.join(workdir, "eval.json"))
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  assert saved["model"]["name"] == "efficientnet-tiny" and saved["log_every_steps"] == 10
+
+  result = _run(workdir, "--config.log_every_steps=10", "--config.eval_every_steps=100")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(r"\[200\] eval/count=497", result.stderr)  # periodic EMA eval
+  assert f"Restored the train state from step {stop_step}" in result.stderr
+  first_logged = int(re.search(r"\[(\d+)\] train/", result.stderr).group(1))
+  assert first_logged == (stop_step // 10 + 1) * 10  # continued from stop_step, not from 0
+  assert _steps(workdir)[-1] == 300
+  with open(os.path.join(workdir, "eval.json")) as f:
+    metrics = json.load(f)
+  print("resumed digits run:", metrics)
+  assert metrics["step"] == 300 and metrics["count"] == 497
+  assert metrics["top1"] > DIGITS_TOP1_BOUND, metrics
+  assert metrics["top5"] >= metrics["top1"]
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir))  # TensorBoard scalars
+
+  # mode=evaluate restores the final checkpoint's EMA weights and measures exactly the same numbers.
+  os.remove(os.path.join(workdir, "eval.json"))
+  result = _run(workdir, "--config.mode=evaluate")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "eval.json")) as f:
+    assert json.load(f) == metrics
+
+
+def test_unknown_config_key_is_an_error_naming_it(tmp_path):
+  result = _run(str(tmp_path / "w"), "--config.model.bn_momentun=0.9", timeout=120)
+  assert result.returncode != 0
+  assert 'Did you mean "bn_momentum" instead of "bn_momentun"?' in result.stderr
+  assert not os.path.exists(tmp_path / "w" / "config.json")
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+  result = _run(str(tmp_path / "w"), "--config.data.labeled=tfds:not_a_dataset:train", timeout=180)
+  assert result.returncode == 1, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: DatasetNotPreparedError") and "not_a_dataset" in last, last
+  assert "Traceback" not in result.stderr
+
+
+def _load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(CONFIGS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.lock()
+  return config
+
+
+def _keys(d, prefix=""):
+  out = set()
+  for k, v in d.items():
+    out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+  return out
+
+
+@pytest.mark.parametrize("name,arg", [("imagenet", None), ("imagenet", "model=b7,stage=student"),
+                                      ("imagenet", "model=l2,stage=student"), ("cifar10", None),
+                                      ("cifar10", "student"), ("svhn", None), ("svhn", "student")])
+def test_configs_build_lock_and_share_the_digits_layout(name, arg):
+  from noisy_student.models import MODEL_SPECS  # pylint: disable=g-import-not-at-top
+  config = _load_config(name, arg)
+  assert _keys(config.to_dict()) == _keys(_load_config("digits").to_dict())
+  assert config.model.name in MODEL_SPECS
+  with pytest.raises(AttributeError, match="lerning_rate"):
+    config.optimizer.lerning_rate = 1.0
+  assert config.optimizer.name == "rmsprop" and config.optimizer.base_lr == 0.016
+  if name in ("cifar10", "svhn"):
+    assert config.model.small_image and config.model.image_size == 32 and config.model.num_classes == 10
+  if name == "cifar10":
+    assert config.data.labeled == "tfds:cifar10:train[:4000]"
+    assert config.data.unlabeled_source == "tfds:cifar10:train[4000:]"
+
+
+def test_imagenet_variants_follow_the_paper():
+  b7 = _load_config("imagenet", "model=b7,stage=student")
+  assert (b7.model.image_size, b7.model.dropout_rate, b7.data.ratio) == (600, 0.5, 3)
+  assert b7.data.labeled_batch == 2048 and b7.data.randaugment_layers == 2 and b7.num_epochs == 350
+  b0 = _load_config("imagenet", "model=b0,stage=student")
+  assert (b0.data.ratio, b0.num_epochs, b0.model.image_size) == (1, 700, 224)
+  teacher = _load_config("imagenet")
+  assert teacher.data.ratio == 0 and teacher.data.randaugment_layers == 0
+  with pytest.raises(ValueError, match="b9"):
+    _load_config("imagenet", "model=b9")
+
+
+def _free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_digits_like_one(tmp_path):
+  """jax.distributed on 127.0.0.1 (gloo), one device per process: both processes run the same global steps,
+  report the same final eval, and reach the one-process accuracy bound. Batches differ from a one-process
+  run (each process shuffles its own half of the split), so agreement is the accuracy, not bit equality.
+  """
+  workdir, port = str(tmp_path / "two"), _free_port()
+  procs = [subprocess.Popen(_command(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                     f"--process_id={i}", "--config.log_every_steps=100"),
+                            cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=400)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+    assert "process 0 of 2" in out or "process 1 of 2" in out
+  finals = [re.search(r"Final eval at step 300: (\{.*\})", out).group(1) for out in outs]
+  assert finals[0] == finals[1]  # one global computation, seen identically by both processes
+  with open(os.path.join(workdir, "eval.json")) as f:
+    metrics = json.load(f)
+  print("two-process digits run:", metrics)
+  assert metrics["count"] == 497 and metrics["step"] == 300
+  assert metrics["top1"] > DIGITS_TOP1_BOUND, metrics
+  assert _steps(workdir)[-1] == 300
+
+
+def test_student_trains_on_labeled_plus_pseudo_labeled(tmp_path):
+  """A student run: soft pseudo-label TFRecords (DESIGN.md schema) mixed 1:1 into every batch."""
+  from test_data_pipeline import write_pseudo_labels  # pylint: disable=g-import-not-at-top
+  labels = tmp_path / "labels"
+  labels.mkdir()
+  write_pseudo_labels(digits_data_dir(), str(labels), num_shards=2, split="train[1000:1100]")
+  workdir = str(tmp_path / "student")
+  result = _run(workdir, "--config.data.labeled=tfds:digits:train[:200]", "--config.data.ratio=1",
+                f"--config.data.unlabeled={labels}/labels-*.tfrecord", "--config.num_train_steps=10",
+                "--config.log_every_steps=10", "--config.data.randaugment_layers=2",
+                "--config.data.randaugment_magnitude=10")
+  assert result.returncode == 0, result.stderr[-3000:]
+  scalars = dict(re.findall(r"train/(\w+)=([-\d.e]+)", result.stderr))
+  # Random Dirichlet soft labels over 10 classes: soft cross-entropy near log(10) + KL, far from 0.
+  assert float(scalars["unlabeled_loss"]) > 1.5, scalars
+  assert float(scalars["labeled_loss"]) > 0
+  with open(os.path.join(workdir, "eval.json")) as f:
+    assert json.load(f)["step"] == 10
+
+
+def test_ratio_without_pseudo_labels_is_a_clear_error(tmp_path):
+  from noisy_student import trainer_loop  # pylint: disable=g-import-not-at-top
+  config = _load_config("digits")
+  config.data.data_dir = digits_data_dir()
+  config.data.ratio = 3
+  with pytest.raises(ValueError, match=r"ratio=3 needs pseudo-labeled TFRecords in config.data.unlabeled"):
+    trainer_loop.train_and_evaluate(config, str(tmp_path))
