@@ -11,20 +11,7 @@ reference is silent). Released-checkpoint top-1: b0 78.8 b1 81.5 b2 82.4 b3 84.1
 b7 86.9, l2 88.4 (800px test).
 """
 
-import importlib.util
-import os
-
-
-def _load_common():
-  """configs/common.py by path: config files are loaded by path, not as a package."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-  spec = importlib.util.spec_from_file_location("noisy_student_configs_common", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-base_config = _load_common().base_config
+from noisy_student.config_defaults import base_config
 
 # name: (train resolution, dropout, ratio)
 MODELS = {

@@ -6,20 +6,7 @@ temperature 1, unlabeled ratio 1 for the student with RandAugment. No flips (dig
 choice (the official script sets none in its flags): 100 epochs of the labeled set.
 """
 
-import importlib.util
-import os
-
-
-def _load_common():
-  """configs/common.py by path: config files are loaded by path, not as a package."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-  spec = importlib.util.spec_from_file_location("noisy_student_configs_common", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-base_config = _load_common().base_config
+from noisy_student.config_defaults import base_config
 
 
 def get_config(arg=None):

@@ -1,4 +1,7 @@
-"""The key layout every config shares (train.py and __main__ read exactly these keys)."""
+"""The key layout every config shares (train.py and __main__ read exactly these keys).
+
+In the package, not in configs/, because config files are loaded by path and cannot import each other.
+"""
 
 import ml_collections
 
