@@ -22,11 +22,11 @@ if __name__ == "__main__" and "--no_reexec" not in sys.argv:
   allocator.reexec_with_fast_allocator()  # before jax allocates anything
 
 import contextlib  # noqa: E402
+import importlib.util  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from noisy_student import data as data_lib  # noqa: E402
 from noisy_student import sharding, train, trainer_loop  # noqa: E402
@@ -35,7 +35,9 @@ from noisy_student import sharding, train, trainer_loop  # noqa: E402
 def load_config(spec: str):
   """A config file spec ('configs/imagenet.py:model=b0') -> its ConfigDict, as the CLI loads it."""
   path, _, arg = spec.partition(":")
-  module = config_flags.config_flags._LoadConfigModule("benchmark_config", path)  # pylint: disable=protected-access
+  module_spec = importlib.util.spec_from_file_location("benchmark_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
 
 

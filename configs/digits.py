@@ -8,26 +8,21 @@ the same reason (0.9999 averages over far more steps than the run has). No horiz
 digits).
 """
 
-import ml_collections
+from noisy_student.config_defaults import base_config
 
 
 def get_config(arg=None):
   del arg  # no variants
-  c = ml_collections.ConfigDict()
-  c.mode = "train"
-  c.seed = 0
-  c.model = dict(name="efficientnet-tiny", num_classes=10, dropout_rate=0.1, survival_prob=1.0,
-                 bn_momentum=0.9, image_size=16, small_image=False)
-  c.data = dict(labeled="tfds:digits:train", unlabeled="", unlabeled_source="", eval="tfds:digits:test",
-                ratio=0, labeled_batch=64, eval_batch=128, randaugment_layers=0, randaugment_magnitude=0.0,
-                crop="resize", eval_crop="resize", flip=False, data_dir="")
-  c.optimizer = dict(name="adamw", base_lr=0.02, weight_decay=1e-4, warmup_epochs=1.0, schedule="cosine",
-                     ema_decay=0.99, label_smoothing=0.1)
+  c = base_config()
+  c.model.update(name="efficientnet-tiny", num_classes=10, dropout_rate=0.1, survival_prob=1.0,
+                 bn_momentum=0.9, image_size=16)
+  c.data.update(labeled="tfds:digits:train", eval="tfds:digits:test", labeled_batch=64, eval_batch=128,
+                crop="resize", eval_crop="resize", flip=False)
+  c.optimizer.update(name="adamw", base_lr=0.02, weight_decay=1e-4, warmup_epochs=1.0, schedule="cosine",
+                     ema_decay=0.99)
   c.num_train_steps = 300
   c.num_epochs = 0.0  # used when num_train_steps <= 0
   c.log_every_steps = 50
   c.checkpoint_every_steps = 100
   c.keep_checkpoints = 2
-  c.eval_every_steps = 0
-  c.mesh = dict(fsdp=1)
   return c

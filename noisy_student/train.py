@@ -124,7 +124,8 @@ def ema_decay_at(step: Array, decay: float) -> Array:
 
 
 def ema_update(ema: Any, new: Any, decay: Array) -> Any:
-  return jax.tree.map(lambda e, x: decay * e + (1.0 - decay) * x, ema, new)
+  """decay * ema + (1 - decay) * new, leaf-wise."""
+  return optax.incremental_update(new, ema, step_size=1.0 - decay)
 
 
 # ----------------------------------------------------------------------------- state

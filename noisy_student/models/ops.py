@@ -93,7 +93,7 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int,
                      impl: str) -> jax.Array:
   """Depthwise convolution, TF 'SAME' padding; kernel is [kh, kw, 1, C]."""
   if resolve_impl(impl) == "shifted":
-    return _depthwise_shifted(x, kernel, stride)
+    return _depthwise_shifted(x, kernel, stride, tuple(x.shape[1:3]))
   kh, kw = kernel.shape[:2]
   padding = [same_padding(x.shape[1], kh, stride),
              same_padding(x.shape[2], kw, stride)]
@@ -112,27 +112,27 @@ def _depthwise_padded(xp, kernel, stride, out_h, out_w):
   return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise_shifted(x, kernel, stride):
-  return _depthwise_shifted_fwd(x, kernel, stride)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_shifted(x, kernel, stride, size):
+  return _depthwise_shifted_fwd(x, kernel, stride, size)[0]
 
 
-def _depthwise_shifted_fwd(x, kernel, stride):
+def _depthwise_shifted_fwd(x, kernel, stride, size):
+  del size  # x.shape[1:3]; the backward pass needs it, static
   # The padded input is what both passes read, so it is the residual: XLA
   # writes it once, fused with whatever produced x, and the backward pass
   # does not pad again.
   kh, kw = kernel.shape[:2]
   xp = _pad_same(x, kh, kw, stride)
   out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
-  residuals = (xp, kernel, jnp.zeros((0,) + x.shape[1:3], x.dtype))  # last: x's size
-  return _depthwise_padded(xp, kernel, stride, out_h, out_w), residuals
+  return _depthwise_padded(xp, kernel, stride, out_h, out_w), (xp, kernel)
 
 
-def _depthwise_shifted_bwd(stride, residuals, g):
-  xp, kernel, size = residuals
+def _depthwise_shifted_bwd(stride, size, residuals, g):
+  xp, kernel = residuals
   kh, kw = kernel.shape[:2]
   n, _, _, c = xp.shape
-  h, w = size.shape[1:]
+  h, w = size
   out_h, out_w = g.shape[1:3]
   top, _ = same_padding(h, kh, stride)
   left, _ = same_padding(w, kw, stride)
