@@ -1,7 +1,8 @@
 """python -m noisy_student --config=configs/FILE.py[:ARGS] --workdir=DIR [--config.key=value ...]
 
 The only module that reads flags. Configs are locked, so a mistyped `--config.key` is an error naming the key.
-Without --config it runs configs/digits.py (the CPU demo). Multi-host: --coordinator_address, --num_processes
+Without --config it runs configs/digits.py (the CPU demo: the whole Noisy Student loop) in
+~/noisy_student_workdirs/digits. Multi-host: --coordinator_address, --num_processes
 and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed alone on
 TPU VM pods where jax finds the cluster itself.
 """
@@ -22,8 +23,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG if os.path.exists(_DEFAULT_CONFIG) else None,
     "ml_collections config file (optionally FILE.py:ARGS); defaults to configs/digits.py.",
     lock_config=True)
+_DEFAULT_WORKDIR = os.path.join(os.path.expanduser("~"), "noisy_student_workdirs", "digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, summaries, config.json and eval.json go "
-                               "(local path or gs://).")
+                               f"(local path or gs://); without --config, defaults to {_DEFAULT_WORKDIR}.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                                        os.path.join(os.path.expanduser("~"), ".cache", "noisy_student", "jax")),
+    "Persistent XLA compilation cache (stages of one loop and reruns reuse compiled steps); '' disables.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() even without an "
                                  "explicit coordinator (TPU VM pods, SLURM: jax detects the cluster).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -62,14 +68,21 @@ def main(argv) -> None:
   config = _CONFIG.value
   if config is None:
     raise app.UsageError(f"No --config given and no default at {_DEFAULT_CONFIG}.")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required.")
+  workdir = _WORKDIR.value
+  if not workdir:
+    if flags.FLAGS["config"].present:
+      raise app.UsageError("--workdir is required with --config.")
+    workdir = _DEFAULT_WORKDIR
   _initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
-  from noisy_student import train, trainer_loop  # pylint: disable=g-import-not-at-top
+  if _COMPILATION_CACHE.value:
+    jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  from noisy_student import iterate, label, train, trainer_loop  # pylint: disable=g-import-not-at-top
   from noisy_student.checkpoint import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
+  from noisy_student.data.sources import CorruptRecordError  # pylint: disable=g-import-not-at-top
 
-  workdir = epath.Path(_WORKDIR.value)
+  workdir = epath.Path(workdir)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -80,12 +93,13 @@ def main(argv) -> None:
       result = train.train_and_evaluate(config, str(workdir))
     elif config.mode == "evaluate":
       result = trainer_loop.evaluate_checkpoint(config, str(workdir))
-    elif config.mode in ("label", "iterate"):
-      raise NotImplementedError(f"config.mode={config.mode!r} is not implemented yet (issue 5); "
-                                "'train' and 'evaluate' are.")
+    elif config.mode == "label":
+      result = label.label(config, str(workdir))
+    elif config.mode == "iterate":
+      result = iterate.iterate(config, str(workdir))
     else:
       raise app.UsageError(f"Unknown config.mode {config.mode!r}; use train, evaluate, label or iterate.")
-  except (FileNotFoundError, CheckpointMismatchError) as e:  # incl. DatasetNotPreparedError
+  except (FileNotFoundError, CheckpointMismatchError, CorruptRecordError) as e:  # incl. DatasetNotPreparedError
     # Errors a user fixes from the command line: one clear line, not a traceback.
     logging.error("%s: %s", type(e).__name__, e)
     sys.exit(f"error: {type(e).__name__}: {e}")

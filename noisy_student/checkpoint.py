@@ -88,3 +88,34 @@ def _to_dict(tree: Any) -> Any:
   if isinstance(tree, dict) or (hasattr(tree, "items") and not hasattr(tree, "shape")):
     return {str(k): _to_dict(v) for k, v in tree.items()}
   return tree
+
+
+# ------------------------------------------------------------------ a finished run's inference variables
+
+EXPORT_DIR = "export"
+
+
+def save_inference_variables(directory: str, variables: Any) -> None:
+  """Writes {'params', 'batch_stats'} (the EMA weights) for labeling and for the next stage; blocks.
+
+  Orbax writes to a temporary folder and renames it when complete, so a half-written export never loads.
+  """
+  path = epath.Path(directory)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, flax.serialization.to_state_dict(variables), force=True)
+    ckptr.wait_until_finished()
+
+
+def load_inference_variables(directory: str, template: Any) -> Any:
+  """Variables saved by save_inference_variables, in the structure of `template` (e.g. jax.eval_shape of
+  `model.init`); a missing export or another model / class count is an error naming the folder."""
+  path = epath.Path(directory)
+  if not (path.exists() and (path / "_CHECKPOINT_METADATA").exists()):
+    raise FileNotFoundError(f"No exported teacher variables in {path} (a finished training run writes them "
+                            "to WORKDIR/export).")
+  target = flax.serialization.to_state_dict(template)
+  with ocp.StandardCheckpointer() as ckptr:
+    metadata = ckptr.metadata(path)
+    check_compatible(_metadata_tree(getattr(metadata, "item_metadata", metadata)), target, where=f"the exported variables in {path}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    return ckptr.restore(path, abstract)

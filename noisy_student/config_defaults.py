@@ -26,4 +26,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.eval_every_steps = 0
   c.mesh = dict(fsdp=1)
+  # mode='label': the teacher (config.model) from teacher_workdir/export over data.unlabeled_source.
+  c.label = dict(teacher_workdir="", temperature=1.0, hard=False, top_k=0, batch=0, shards_per_process=4,
+                 num_bins=100, log_every_batches=50, log_every_secs=60.0)
+  # Which pseudo-labels a student trains on (computed from the labels' stats.json); enabled=False uses all.
+  c.select = dict(enabled=True, threshold=0.3, per_class=0, balance=True)
+  # mode='iterate': teacher -> (label -> select -> student) x num_iterations, one stage folder each.
+  # student_models / student_image_sizes: comma lists, one entry per iteration ('' = the teacher's).
+  c.iterate = dict(num_iterations=2, ratio=3, student_models="", student_image_sizes="",
+                   student_noise=True, student_num_train_steps=0, teacher_checkpoint="")
   return c

@@ -22,7 +22,7 @@ from etils import epath
 from noisy_student import checkpoint, sharding
 from noisy_student import train as train_lib
 from noisy_student import data as data_lib
-from noisy_student.models import create_model
+from noisy_student.models import model_from_config
 
 CHECKPOINT_DIR = "checkpoints"
 EVAL_FILE = "eval.json"
@@ -35,11 +35,7 @@ def _opt(value):
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
   """The EfficientNet of config.model with its noise knobs (dropout, stochastic depth, BN momentum)."""
-  m = config.model
-  overrides = dict(dropout_rate=m.dropout_rate, survival_prob=m.survival_prob, bn_momentum=m.bn_momentum)
-  if m.get("small_image"):
-    overrides["small_image"] = True
-  return create_model(m.name, num_classes, **overrides)
+  return model_from_config(config.model, num_classes)
 
 
 def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
@@ -58,6 +54,37 @@ def _train_steps(config, num_examples: int) -> int:
   if config.get("num_epochs", 0) > 0:
     return max(1, int(config.num_epochs * num_examples / config.data.labeled_batch))
   raise ValueError("Set config.num_train_steps (> 0) or config.num_epochs (> 0).")
+
+
+def open_pseudo_labels(config: ml_collections.ConfigDict, workdir: epath.Path):
+  """config.data.unlabeled, filtered and balanced by config.select from the manifest beside the shards.
+
+  The selection is a pure function of stats.json and the config, so every process computes the same one;
+  process 0 records it (selection.json, selection.png) in the workdir.
+  """
+  from noisy_student import pseudo_labels  # pylint: disable=g-import-not-at-top
+  selection = None
+  if config.select.enabled:
+    manifest = epath.Path(config.data.unlabeled).parent / "stats.json"
+    if not manifest.exists():
+      raise FileNotFoundError(
+          f"Selecting pseudo-labels needs the labeling job's {manifest} beside {config.data.unlabeled!r}; "
+          "set config.select.enabled=False to train on every record as is.")
+    stats = pseudo_labels.read_json(manifest)
+    s = config.select
+    selection = pseudo_labels.select(stats, threshold=s.threshold, per_class=s.per_class, balance=s.balance)
+    if selection["expected_total"] == 0:
+      raise ValueError(f"{manifest}: no pseudo-label of {stats['num_examples']} reaches the confidence "
+                       f"threshold config.select.threshold={s.threshold}; lower it, or train the teacher "
+                       "longer.")
+    if jax.process_index() == 0:
+      pseudo_labels.write_json(workdir / "selection.json", selection)
+      pseudo_labels.plot_histograms(stats, workdir / "selection.png", selection)
+    logging.info("Pseudo-label selection: threshold %.2f, %d per class, %.0f of %d records expected.",
+                 s.threshold, selection["per_class"], selection["expected_total"], stats["num_examples"])
+  return data_lib.open_source(config.data.unlabeled, data_dir=_opt(config.data.data_dir),
+                              num_classes=config.model.num_classes, selection=selection,
+                              selection_seed=config.seed)
 
 
 def evaluate(eval_step, variables, source, config, mesh) -> Dict[str, float]:
@@ -105,6 +132,7 @@ def _write_json(path: epath.Path, obj: Any) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """Trains (resuming from WORKDIR/checkpoints if present), evaluates the EMA weights, returns eval metrics.
 
+  The EMA weights of the finished run are exported to WORKDIR/export (what a labeling job loads).
   The returned dict holds 'top1', 'top5', 'count' and 'step'; it is also written to WORKDIR/eval.json. A
   SIGTERM saves a checkpoint at the current step and returns {'preempted': True, 'step': step} instead.
   """
@@ -122,8 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     logging.warning("config.data.unlabeled=%r is ignored because config.data.ratio is 0.",
                     config.data.unlabeled)
   if _opt(config.data.unlabeled) and config.data.ratio:
-    unlabeled = data_lib.open_source(config.data.unlabeled, data_dir=data_dir,
-                                     num_classes=config.model.num_classes)
+    unlabeled = open_pseudo_labels(config, workdir)
   eval_source = data_lib.open_source(config.data.eval, data_dir=data_dir,
                                      num_classes=config.model.num_classes)
 
@@ -212,6 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     result = evaluate(eval_step, train_lib.eval_variables(state), eval_source, config, mesh)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
     result = dict(result, step=step)
+    checkpoint.save_inference_variables(str(workdir / checkpoint.EXPORT_DIR), train_lib.eval_variables(state))
     _write_json(workdir / EVAL_FILE, result)
     logging.info("Final eval at step %d: %s", step, result)
     return result

@@ -62,4 +62,4 @@ def test_split_expressions_work_like_any_dataset(data_dir):
 def test_prepared_on_first_use(tmp_path):
   src = sources.open_source("tfds:digits:test", data_dir=str(tmp_path), process_index=0, process_count=1)
   assert src.num_examples == 497
-  assert (tmp_path / "digits" / "1.0.0" / "dataset_info.json").exists()
+  assert (tmp_path / "digits" / "1.1.0" / "dataset_info.json").exists()

@@ -4,6 +4,10 @@
 `tfds:digits:train[:N]` works like any tfds dataset. Pixel values 0..16 are scaled to uint8 by
 round(v * 255 / 16). Images are stored with one channel; the input pipeline converts them to RGB for the
 3-channel model. The train/test split is fixed (stratified by class, seed 0): 1,300 train, 497 test.
+
+The train split is stored class-interleaved (0, 1, ..., 9, 0, 1, ...; each class in a seeded random order) and
+read in that order, so `train[:10*k]` is exactly k labeled images per class and `train[10*k:]` the rest:
+the semi-supervised demo's labeled / unlabeled split.
 """
 
 import numpy as np
@@ -28,14 +32,25 @@ def split_indices():
   _, labels = digits_arrays()
   train, test = train_test_split(np.arange(len(labels)), test_size=NUM_TEST, stratify=labels,
                                  random_state=SPLIT_SEED)
-  return {"train": np.sort(train), "test": np.sort(test)}
+  return {"train": interleave_classes(train, labels[train]), "test": np.sort(test)}
+
+
+def interleave_classes(indices: np.ndarray, labels: np.ndarray, seed: int = SPLIT_SEED) -> np.ndarray:
+  """`indices` reordered round-robin over classes, each class in a seeded random order."""
+  rng = np.random.default_rng(seed)
+  per_class = [rng.permutation(indices[labels == c]) for c in np.unique(labels)]
+  order = []
+  for r in range(max(len(p) for p in per_class)):
+    order.extend(int(p[r]) for p in per_class if r < len(p))
+  return np.asarray(order, np.int64)
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's handwritten digits (UCI optdigits test set), 8x8, 10 classes."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release: 1,300 train / 497 test, stratified, seed 0."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release: 1,300 train / 497 test, stratified, seed 0.",
+                   "1.1.0": "Train split stored class-interleaved, read unshuffled: train[:10*k] has k per class."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -46,6 +61,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             "id": np.int64,  # index into sklearn.datasets.load_digits()
         }),
         supervised_keys=("image", "label"),
+        disable_shuffling=True,  # keep the class-interleaved order
         homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
     )
 
@@ -55,8 +71,8 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, indices):
     images, labels = digits_arrays()
-    for i in indices:
-      yield int(i), {"image": images[i], "label": int(labels[i]), "id": int(i)}
+    for position, i in enumerate(indices):  # keyed by position: the stored order is the split's order
+      yield position, {"image": images[i], "label": int(labels[i]), "id": int(i)}
 
 
 def prepare(data_dir=None) -> tfds.core.DatasetBuilder:

@@ -4,6 +4,8 @@ Specs:
   "tfds:NAME:SPLIT"   any prepared tfds dataset and split expression ("train[:4000]", "train[:80%]+test").
   "tfds:NAME/CONFIG:SPLIT" works too; the dataset is read from `data_dir` (tfds' default when None).
   a TFRecord glob     pseudo-labeled shards in the schema of DESIGN.md (e.g. "WORKDIR/01_labels/labels-*.tfrecord").
+                      Where the folder holds a finished manifest (`stats.json` of the labeling job), only the
+                      shards it names are read, and a named shard that is missing is an error.
 
 A `Source` holds this process's records in a fixed order with images still *encoded*: decoding happens later
 in the pipeline, after shuffling and skipping, so a resumed run never decodes images it throws away.
@@ -13,7 +15,9 @@ Nothing here downloads: an unprepared dataset is an error saying how to prepare 
 """
 
 import dataclasses
-from typing import Optional
+import json
+import os
+from typing import Any, Mapping, Optional
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -29,6 +33,10 @@ TFRECORD_KEYS = ("image/encoded", "image/key", "label", "confidence", "probabili
 
 class DatasetNotPreparedError(FileNotFoundError):
   """A tfds dataset has not been built in the data directory (we never download)."""
+
+
+class CorruptRecordError(ValueError):
+  """A TFRecord file is truncated or not in the pseudo-label schema; the message names the file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +77,12 @@ def _process(process_index, process_count):
 
 def open_source(spec: str, *, data_dir: Optional[str] = None, labeled: bool = True,
                 with_key: bool = False, process_index: Optional[int] = None,
-                process_count: Optional[int] = None, num_classes: Optional[int] = None) -> Source:
+                process_count: Optional[int] = None, num_classes: Optional[int] = None,
+                selection: Optional[Mapping[str, Any]] = None, selection_seed: int = 0) -> Source:
   """Opens this process's part of `spec`. `labeled=False` drops labels (an unlabeled source).
+
+  `selection` (pseudo_labels.select's output; TFRecord sources only) filters and duplicates pseudo-labeled
+  records per predicted class; `selection_seed` seeds its hashed fractions.
 
   process_index / process_count default to jax's; pass them to read another process's part (tests, tools).
   `with_key` adds 'key': tfds' `tfds_id` (stable across runs and process counts) or the record's image/key.
@@ -78,10 +90,13 @@ def open_source(spec: str, *, data_dir: Optional[str] = None, labeled: bool = Tr
   process_index, process_count = _process(process_index, process_count)
   kind, name, split = parse_spec(spec)
   if kind == "tfds":
+    if selection is not None:
+      raise ValueError(f"{spec}: a pseudo-label selection applies to TFRecord shards, not tfds datasets.")
     return _open_tfds(spec, name, split, data_dir=data_dir, labeled=labeled, with_key=with_key,
                       process_index=process_index, process_count=process_count, num_classes=num_classes)
   return _open_tfrecords(spec, labeled=labeled, with_key=with_key, process_index=process_index,
-                         process_count=process_count, num_classes=num_classes)
+                         process_count=process_count, num_classes=num_classes, selection=selection,
+                         selection_seed=selection_seed)
 
 
 # ---------------------------------------------------------------------------------------------- tfds
@@ -163,10 +178,30 @@ def _open_tfds(spec, name, split, *, data_dir, labeled, with_key, process_index,
 
 def _inspect_record(path):
   """Which schema the shards use, checked on the first record of the first file."""
-  for raw in tf.data.TFRecordDataset(path).take(1):
-    ex = tf.train.Example.FromString(raw.numpy())
-    return {k: ex.features.feature[k] for k in ex.features.feature}
+  try:
+    for raw in tf.data.TFRecordDataset(path).take(1):
+      ex = tf.train.Example.FromString(raw.numpy())
+      return {k: ex.features.feature[k] for k in ex.features.feature}
+  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+    raise CorruptRecordError(f"{path}: corrupt TFRecord file ({e.message.splitlines()[0]}).") from e
+  except Exception as e:  # protobuf's DecodeError
+    if type(e).__name__ == "DecodeError":
+      raise CorruptRecordError(f"{path}: record is not a tf.train.Example ({e}).") from e
+    raise
   raise ValueError(f"{path}: empty TFRecord file (expected at least one tf.train.Example).")
+
+
+def _count_records(files, ds):
+  """Records in `ds` (read from `files`); a corrupt file is an error that names it."""
+  try:
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
+  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+    for path in files:  # find the culprit: TensorFlow's message does not name the file
+      try:
+        tf.data.TFRecordDataset(path).reduce(0, lambda c, _: c + 1)
+      except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as inner:
+        raise CorruptRecordError(f"{path}: corrupt TFRecord file ({inner.message.splitlines()[0]}).") from e
+    raise
 
 
 def _check_feature(path, feats, key, kind):
@@ -178,10 +213,36 @@ def _check_feature(path, feats, key, kind):
     raise ValueError(f"{path}: feature {key!r} is {found}, expected {kind}.")
 
 
-def _open_tfrecords(spec, *, labeled, with_key, process_index, process_count, num_classes):
+MANIFEST = "stats.json"
+
+
+def _manifest_files(spec, files):
+  """The matched files a finished manifest beside them names (with examples); all files without one."""
+  folder = os.path.dirname(spec)
+  manifest = os.path.join(folder, MANIFEST)
+  if not tf.io.gfile.exists(manifest):
+    return files
+  with tf.io.gfile.GFile(manifest) as f:
+    try:
+      shards = json.load(f)["shards"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise ValueError(f"{manifest}: not a pseudo-label manifest ({e!r}).") from e
+  named = {os.path.join(folder, s["file"]): s["examples"] for s in shards}
+  missing = sorted(set(named) - set(tf.io.gfile.glob(os.path.join(folder, "*"))))
+  if missing:
+    raise FileNotFoundError(f"{manifest} names shards that are missing: {missing[:3]}"
+                            f"{' ...' if len(missing) > 3 else ''}.")
+  return [f for f in files if named.get(f, 0) > 0]
+
+
+def _open_tfrecords(spec, *, labeled, with_key, process_index, process_count, num_classes, selection,
+                    selection_seed):
   files = sorted(tf.io.gfile.glob(spec))
   if not files:
     raise FileNotFoundError(f"No TFRecord files match {spec!r}.")
+  files = _manifest_files(spec, files)
+  if not files:
+    raise ValueError(f"{spec}: the manifest beside these files names no shard with examples.")
   feats = _inspect_record(files[0])
   _check_feature(files[0], feats, "image/encoded", "bytes_list")
   schema = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
@@ -211,6 +272,12 @@ def _open_tfrecords(spec, *, labeled, with_key, process_index, process_count, nu
         raise ValueError(f"{files[0]}: hard labels only; num_classes must be given.")
       schema["label"] = tf.io.FixedLenFeature([], tf.int64)
 
+  if selection is not None:
+    for key, kind in (("label", "int64_list"), ("confidence", "float_list"), ("image/key", "bytes_list")):
+      _check_feature(files[0], feats, key, kind)
+      schema[key] = tf.io.FixedLenFeature([], {"label": tf.int64, "confidence": tf.float32,
+                                               "image/key": tf.string}[key])
+
   # Own file shards when there are enough files; otherwise every process reads all and keeps every k-th.
   if len(files) >= process_count:
     ds = tf.data.TFRecordDataset(files[process_index::process_count])
@@ -232,7 +299,17 @@ def _open_tfrecords(spec, *, labeled, with_key, process_index, process_count, nu
       out["label"] = ex["label"]
     return out
 
-  n = int(ds.reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))  # counts raw records, no parsing
+  if selection is not None:
+    from noisy_student import pseudo_labels  # pylint: disable=g-import-not-at-top
+    copies = pseudo_labels.copies_fn(selection, selection_seed)
+    sel_schema = {k: schema[k] for k in ("label", "confidence", "image/key")}
+
+    def repeat(raw):
+      ex = tf.io.parse_single_example(raw, sel_schema)
+      return tf.data.Dataset.from_tensors(raw).repeat(copies(ex["label"], ex["confidence"], ex["image/key"]))
+
+    ds = ds.flat_map(repeat)
+  n = _count_records(files, ds)  # raw records (after selection), no image parsing
   ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.apply(tf.data.experimental.assert_cardinality(n))
   return Source(spec, ds, n, n if process_count == 1 else None, num_classes,

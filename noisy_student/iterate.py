@@ -1,0 +1,194 @@
+"""iterate(config, workdir): the whole Noisy Student loop, one resumable stage folder per step.
+
+  00_teacher   train config.model on config.data.labeled (with the config's noise), or, with
+               config.iterate.teacher_checkpoint, convert an official TF checkpoint and evaluate it
+  0i_labels    the previous stage's model, un-noised, labels config.data.unlabeled_source (label.py)
+  0i_student   a student (config.iterate.student_models[i-1], equal or larger) on labeled + selected
+               pseudo-labeled images at config.iterate.ratio, noised (RandAugment, dropout, stochastic
+               depth) unless config.iterate.student_noise is False; it is the next teacher
+
+A stage is finished when its DONE file (JSON: the stage's result, written last and atomically) exists; a
+rerun of the same command skips finished stages and resumes the rest (a student from its last checkpoint).
+Process 0 writes summary.json, prints a table of every stage's eval top-1 / top-5, and plots accuracy per
+iteration (accuracy.png).
+"""
+
+import dataclasses
+from typing import Any, Dict, List, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from noisy_student import checkpoint, label as label_lib, pseudo_labels, train
+
+DONE = "DONE"
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "accuracy.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str  # folder under the workdir
+  kind: str  # 'teacher', 'labels' or 'student'
+  iteration: int
+  config: ml_collections.ConfigDict
+
+
+def _per_iteration(value: str, n: int, what: str) -> List[str]:
+  items = [v.strip() for v in value.split(",")] if value else []
+  if len(items) not in (0, n):
+    raise ValueError(f"config.iterate.{what} has {len(items)} entries, expected one per iteration "
+                     f"({n}) or none.")
+  return items or [""] * n
+
+
+def plan(config: ml_collections.ConfigDict) -> List[Stage]:
+  """Every stage of the loop with its own config (derived from `config`; nothing else is read)."""
+  it = config.iterate
+  models = _per_iteration(it.student_models, it.num_iterations, "student_models")
+  sizes = _per_iteration(it.student_image_sizes, it.num_iterations, "student_image_sizes")
+  teacher = _copy(config)
+  teacher.mode = "train"
+  teacher.data.ratio = 0
+  teacher.data.unlabeled = ""
+  stages = [Stage("00_teacher", "teacher", 0, teacher)]
+  previous = stages[0]
+  for i in range(1, it.num_iterations + 1):
+    labels = _copy(previous.config)
+    labels.mode = "label"
+    labels.label.teacher_workdir = ""  # filled in with the workdir at run time
+    labels_stage = Stage(f"{i:02d}_labels", "labels", i, labels)
+    student = _copy(config)
+    student.mode = "train"
+    if models[i - 1]:
+      student.model.name = models[i - 1]
+    if sizes[i - 1]:
+      student.model.image_size = int(sizes[i - 1])
+    student.data.ratio = it.ratio
+    if it.student_num_train_steps > 0:
+      student.num_train_steps = it.student_num_train_steps
+    if not it.student_noise:  # the paper's ablation: a student without noise
+      student.data.randaugment_layers = 0
+      student.model.dropout_rate = 0.0
+      student.model.survival_prob = 1.0
+    student_stage = Stage(f"{i:02d}_student", "student", i, student)
+    stages += [labels_stage, student_stage]
+    previous = student_stage
+  return stages
+
+
+def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.lock()
+  return c
+
+
+def _stage_config(stage: Stage, workdir: epath.Path, previous: Optional[Stage]) -> ml_collections.ConfigDict:
+  c = _copy(stage.config)
+  if stage.kind == "labels":
+    c.label.teacher_workdir = str(workdir / previous.name)
+  elif stage.kind == "student":
+    c.data.unlabeled = str(workdir / previous.name / "labels-*.tfrecord")
+  return c
+
+
+def _run_stage(stage: Stage, config, folder: epath.Path) -> Optional[Dict[str, Any]]:
+  """Runs one stage; returns its result, or None when it was preempted (SIGTERM)."""
+  if stage.kind == "labels":
+    return label_lib.label(config, str(folder))
+  if stage.kind == "teacher" and config.iterate.teacher_checkpoint:
+    return _teacher_from_checkpoint(config, folder)
+  result = train.train_and_evaluate(config, str(folder))
+  return None if result.get("preempted") else result
+
+
+def _teacher_from_checkpoint(config, folder: epath.Path) -> Dict[str, Any]:
+  """An official TF checkpoint as the first teacher: converted, exported and evaluated."""
+  from noisy_student import data as data_lib, sharding, trainer_loop  # pylint: disable=g-import-not-at-top
+  from noisy_student.models import convert  # pylint: disable=g-import-not-at-top
+  variables = convert.load_tf_checkpoint(config.iterate.teacher_checkpoint, config.model.name)
+  checkpoint.save_inference_variables(str(folder / checkpoint.EXPORT_DIR), variables)
+  model = trainer_loop.build_model(config, config.model.num_classes)
+  mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
+  source = data_lib.open_source(config.data.eval, data_dir=config.data.data_dir or None,
+                                num_classes=config.model.num_classes)
+  return trainer_loop.evaluate(train.make_eval_step(model, mesh), variables, source, config, mesh)
+
+
+def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """mode='iterate': runs (or resumes) every stage; returns the summary ({'stages': [...]})."""
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  stages = plan(config)
+  rows, previous = [], None
+  for stage in stages:
+    folder = workdir / stage.name
+    done = folder / DONE
+    stage_config = _stage_config(stage, workdir, previous)
+    if done.exists():
+      result = pseudo_labels.read_json(done)
+      logging.info("Stage %s already done: %s", stage.name, result)
+    else:
+      logging.info("Stage %s: %s (%s)", stage.name, stage.kind, stage_config.model.name)
+      folder.mkdir(parents=True, exist_ok=True)
+      result = _run_stage(stage, stage_config, folder)
+      if result is None:
+        logging.warning("Stopped during %s; rerun the same command to resume.", stage.name)
+        return {"preempted": True, "stage": stage.name}
+      result = _plain(result)
+      multihost_utils.sync_global_devices(f"iterate: {stage.name} finished")
+      if jax.process_index() == 0:
+        pseudo_labels.write_json(done, result)
+      multihost_utils.sync_global_devices(f"iterate: {stage.name} DONE")
+    rows.append({"name": stage.name, "kind": stage.kind, "iteration": stage.iteration,
+                 "model": stage_config.model.name, "result": result})
+    previous = stage
+  summary = {"stages": [{"name": r["name"], "model": r["model"], "iteration": r["iteration"],
+                         "eval": {k: r["result"][k] for k in ("top1", "top5")}}
+                        for r in rows if r["kind"] != "labels"],
+             "labels": [{"name": r["name"], **r["result"]} for r in rows if r["kind"] == "labels"]}
+  if jax.process_index() == 0:
+    pseudo_labels.write_json(workdir / SUMMARY_FILE, summary)
+    plot_accuracy(summary, workdir / PLOT_FILE)
+    print(format_table(summary), flush=True)
+  return summary
+
+
+def _plain(result: Dict[str, Any]) -> Dict[str, Any]:
+  return {k: (float(v) if isinstance(v, (np.floating, np.integer, float, int)) and not isinstance(v, bool)
+              else v) for k, v in result.items()}
+
+
+def format_table(summary: Dict[str, Any]) -> str:
+  lines = [f"{'stage':<12} {'model':<22} {'top-1':>7} {'top-5':>7}"]
+  for s in summary["stages"]:
+    lines.append(f"{s['name']:<12} {s['model']:<22} {100 * s['eval']['top1']:>7.2f} "
+                 f"{100 * s['eval']['top5']:>7.2f}")
+  return "\n".join(lines)
+
+
+def plot_accuracy(summary: Dict[str, Any], path) -> None:
+  """PNG: eval top-1 per iteration (0 is the teacher)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  its = [s["iteration"] for s in summary["stages"]]
+  top1 = [100 * s["eval"]["top1"] for s in summary["stages"]]
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot(its, top1, marker="o")
+  for x, y, s in zip(its, top1, summary["stages"]):
+    ax.annotate(s["model"].replace("efficientnet-", ""), (x, y), textcoords="offset points", xytext=(0, 6),
+                ha="center", fontsize=8)
+  ax.set(xlabel="iteration (0 = teacher)", ylabel="eval top-1 (%)", xticks=its,
+         title="Noisy Student: accuracy per iteration")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  with tf.io.gfile.GFile(str(path), "wb") as f:
+    fig.savefig(f, format="png", dpi=80)
+  plt.close(fig)

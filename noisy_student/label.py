@@ -1,0 +1,212 @@
+"""label(config, workdir): the teacher, without noise, over unlabeled images -> pseudo-label TFRecord shards.
+
+A separate job from training (it imports no trainer): it loads a finished teacher's exported EMA variables
+(`config.label.teacher_workdir`/export), runs them in eval mode (no dropout, no stochastic depth, moving
+batch-norm statistics) with eval preprocessing at `config.model.image_size`, and writes, per process, its own
+shards of the records in the schema of ../shared/DESIGN.md.
+
+Distribution and resumption. The global batch is sharded over every device of every process; each process
+keeps only its own rows (nothing is gathered to one host) and writes shards
+`labels-{p * K + j}-of-{P * K}`, j < K, each covering a fixed range of its batches. A shard is written under a
+temporary name, its statistics sidecar is written, and only then is it renamed: a shard under its final name
+is complete. A rerun starts at the first batch some process has not finished, rewrites only incomplete
+shards, and produces byte-identical files. When every process is done, process 0 merges the sidecars into
+`stats.json` (the finished manifest readers trust) and plots them.
+"""
+
+import bisect
+import time
+from typing import Any, Dict, List
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from noisy_student import checkpoint, pseudo_labels, sharding
+from noisy_student import data as data_lib
+from noisy_student.data import pipeline
+from noisy_student.models import model_from_config
+
+STATS_FILE = "stats.json"
+PLOT_FILE = "stats.png"
+
+
+def load_teacher(teacher_workdir: str, model, image_size: int, mesh) -> Dict[str, Any]:
+  """The teacher's exported EMA variables, replicated over `mesh`; errors name the folder."""
+  if not teacher_workdir:
+    raise ValueError("config.label.teacher_workdir is empty: name the teacher's training workdir.")
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)),
+                                             train=False))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+  return checkpoint.load_inference_variables(str(epath.Path(teacher_workdir) / checkpoint.EXPORT_DIR),
+                                             dict(template))
+
+
+def make_infer_step(model, mesh):
+  """Eval-mode logits (float32), batch-sharded in and out."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch = sharding.batch_sharding(mesh)
+
+  def infer(variables, images):
+    return model.apply(variables, images, train=False).astype(jnp.float32)
+
+  return jax.jit(infer, in_shardings=(replicated, batch), out_shardings=batch)
+
+
+def shard_bounds(num_batches: int, shards: int) -> List[int]:
+  """Batch index where each of this process's shards starts, and the end: shards cover batches evenly."""
+  return [j * num_batches // shards for j in range(shards + 1)]
+
+
+def _complete(folder: epath.Path, index: int, count: int) -> bool:
+  return ((folder / pseudo_labels.shard_name(index, count)).exists()
+          and (folder / pseudo_labels.sidecar_name(index, count)).exists())
+
+
+class _ShardWriter:
+  """Streams one shard's records to a temporary file; `finish` writes the sidecar, then renames."""
+
+  def __init__(self, folder: epath.Path, index: int, count: int, num_classes: int, num_bins: int):
+    self.final = folder / pseudo_labels.shard_name(index, count)
+    self.sidecar = folder / pseudo_labels.sidecar_name(index, count)
+    self.tmp = str(self.final) + ".tmp"
+    self.num_classes, self.num_bins = num_classes, num_bins
+    self.writer = tf.io.TFRecordWriter(self.tmp)
+    self.labels, self.confidence = [], []
+
+  def write(self, record: bytes, label: int, confidence: float) -> None:
+    self.writer.write(record)
+    self.labels.append(label)
+    self.confidence.append(confidence)
+
+  def finish(self) -> None:
+    self.writer.close()
+    stats = pseudo_labels.shard_stats(np.asarray(self.labels, np.int64),
+                                      np.asarray(self.confidence, np.float32), self.num_classes, self.num_bins)
+    pseudo_labels.write_json(self.sidecar, stats)
+    tf.io.gfile.rename(self.tmp, str(self.final), overwrite=True)
+
+
+def _all_min(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  return int(np.min(multihost_utils.process_allgather(np.int64(value))))
+
+
+def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """mode='label': pseudo-labels config.data.unlabeled_source with the teacher in config.label.teacher_workdir.
+
+  config.model describes the teacher. Returns a short summary (examples, shards, mean confidence); the
+  full statistics are in WORKDIR/stats.json.
+  """
+  lc = config.label
+  folder = epath.Path(workdir)
+  folder.mkdir(parents=True, exist_ok=True)
+  if not config.data.unlabeled_source:
+    raise ValueError("config.data.unlabeled_source is empty: name the images to label "
+                     "(e.g. 'tfds:digits:train[50:]').")
+  mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
+  model = model_from_config(config.model)
+  num_classes = config.model.num_classes
+  variables = load_teacher(lc.teacher_workdir, model, config.model.image_size, mesh)
+  source = data_lib.open_source(config.data.unlabeled_source, data_dir=config.data.data_dir or None,
+                                labeled=False, with_key=True)
+  global_batch = lc.batch or config.data.eval_batch
+  local_batch = pipeline._local_batch(global_batch, "label batch", mesh, source.process_count)  # pylint: disable=protected-access
+  num_batches = pipeline.eval_num_batches(source, local_batch)
+  per_process = min(lc.shards_per_process, num_batches)
+  count = per_process * source.process_count
+  first = source.process_index * per_process
+  bounds = shard_bounds(num_batches, per_process)
+  done = [_complete(folder, first + j, count) for j in range(per_process)]
+  start_shard = _all_min(done.index(False) if False in done else per_process)
+
+  if start_shard < per_process:
+    logging.info("Labeling %s: %d batches of %d on %d processes, %d shards (resuming at shard %d of %d "
+                 "per process).", source.spec, num_batches, global_batch, source.process_count, count,
+                 start_shard, per_process)
+    _run(config, variables, model, mesh, source, folder, global_batch, num_batches, bounds, done,
+         start_shard, first, count, num_classes)
+  multihost_utils.sync_global_devices("labels: shards written")
+  if jax.process_index() == 0:
+    stats = _write_manifest(config, folder, count, num_classes)
+  multihost_utils.sync_global_devices("labels: manifest written")
+  stats = pseudo_labels.read_json(folder / STATS_FILE)
+  hist = np.asarray(stats["histogram"])
+  centers = (np.arange(hist.shape[1]) + 0.5) / hist.shape[1]
+  mean_conf = float((hist.sum(0) * centers).sum() / max(1, hist.sum()))
+  return {"examples": stats["num_examples"], "shards": count, "mean_confidence": mean_conf}
+
+
+def _run(config, variables, model, mesh, source, folder, global_batch, num_batches, bounds, done,
+         start_shard, first, count, num_classes):
+  lc = config.label
+  infer = make_infer_step(model, mesh)
+  batch_spec = PartitionSpec(sharding.BATCH_AXES)
+  writer = metric_writers.create_default_writer(just_logging=True)
+  progress = periodic_actions.ReportProgress(num_train_steps=num_batches, writer=writer,
+                                             every_secs=lc.log_every_secs)
+  shard_writer = None
+  t0, images = time.monotonic(), 0
+  batches = data_lib.eval_iterator(source, global_batch=global_batch, image_size=config.model.image_size,
+                                   crop=config.data.get("eval_crop", "center"), mesh=mesh, with_raw=True,
+                                   start_batch=bounds[start_shard])
+  for b, batch in enumerate(batches, start=bounds[start_shard]):
+    j = bisect.bisect_right(bounds, b) - 1
+    logits = infer(variables, batch["image"])
+    if done[j]:
+      continue  # another process is behind: keep it company in the collective, rewrite nothing
+    if shard_writer is None:
+      shard_writer = _ShardWriter(folder, first + j, count, num_classes, lc.num_bins)
+    local = np.asarray(multihost_utils.global_array_to_host_local_array(logits, mesh, batch_spec))
+    probs = pseudo_labels.soft_labels(local, lc.temperature)
+    raw = batch["local"]
+    for i in np.nonzero(raw["mask"])[0]:
+      record = pseudo_labels.make_example(raw["encoded"][i], raw["key"][i], probs[i], top_k=lc.top_k,
+                                          hard=lc.hard)
+      top = int(np.argmax(probs[i]))
+      shard_writer.write(record, top, float(probs[i, top]))
+    images += int(raw["mask"].sum())
+    if b + 1 == bounds[j + 1]:
+      shard_writer.finish()
+      shard_writer = None
+    progress(b + 1)
+    if (b + 1) % max(1, lc.log_every_batches) == 0:
+      rate = images * source.process_count / max(time.monotonic() - t0, 1e-9)
+      logging.info("labeled %d / %d batches, %.1f img/s", b + 1, num_batches, rate)
+
+
+def _write_manifest(config, folder: epath.Path, count: int, num_classes: int) -> Dict[str, Any]:
+  """Process 0: stats.json = the shards' summed statistics + the list of shards; and the plot."""
+  parts, shards = [], []
+  for index in range(count):
+    part = pseudo_labels.read_json(folder / pseudo_labels.sidecar_name(index, count))
+    if part["num_classes"] != num_classes:
+      raise ValueError(f"{folder / pseudo_labels.sidecar_name(index, count)}: {part['num_classes']} "
+                       f"classes, expected {num_classes} (a stale shard of another teacher?).")
+    parts.append(part)
+    shards.append({"file": pseudo_labels.shard_name(index, count), "examples": part["num_examples"]})
+  stats = pseudo_labels.merge_stats(parts)
+  lc = config.label
+  stats.update(shards=shards, source=config.data.unlabeled_source, teacher=lc.teacher_workdir,
+               model=config.model.name, temperature=lc.temperature, hard=bool(lc.hard), top_k=lc.top_k)
+  selection = pseudo_labels.select(stats, **selection_kwargs(config))
+  pseudo_labels.plot_histograms(stats, folder / PLOT_FILE, selection)
+  pseudo_labels.write_json(folder / STATS_FILE, stats)  # last: the manifest marks the labels complete
+  logging.info("Wrote %d pseudo-labels in %d shards to %s; selection keeps %.0f.", stats["num_examples"],
+               count, folder, selection["expected_total"])
+  return stats
+
+
+def selection_kwargs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """pseudo_labels.select's arguments from config.select."""
+  s = config.select
+  return dict(threshold=s.threshold, per_class=s.per_class, balance=s.balance)
