@@ -30,7 +30,7 @@ def get_config(arg=None):
   c.num_train_steps = 300
   c.num_epochs = 0.0  # used when num_train_steps <= 0
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 100
+  c.checkpoint_every_steps = 150
   c.keep_checkpoints = 2
   c.label.update(batch=256, shards_per_process=2)
   c.iterate.update(num_iterations=2, ratio=3)

@@ -47,7 +47,7 @@ def get_config(arg=None):
   c.data.eval = "tfds:imagenet2012:validation"
   c.data.unlabeled_source = "tfds:jft:train"  # JFT is not public; point it at your unlabeled images
   if opts["model"] in ("l0", "l1", "l2"):
-    c.mesh.fsdp = 8  # shard L-sized parameters and optimizer state (needs >= 8 devices)
+    c.mesh.update(fsdp=8, param_sharding="fsdp")  # shard L-sized parameters and optimizer state over 8 devices
   if opts["stage"] == "student":
     c.data.ratio = ratio
     c.data.randaugment_layers = 2

@@ -19,10 +19,23 @@ from noisy_student import allocator
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 _DEFAULT_CONFIG = os.path.join(_REPO_CONFIGS, "digits.py")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG if os.path.exists(_DEFAULT_CONFIG) else None,
-    "ml_collections config file (optionally FILE.py:ARGS); defaults to configs/digits.py.",
-    lock_config=True)
+def _exit_unknown_key(error: Exception, argv) -> None:
+  """config_flags' error for `--config.no.such.key=...` (a KeyError / AttributeError) as one clear line."""
+  lines = str(error.args[0] if error.args else error).strip("'\"").replace("\\n", "\n").splitlines()
+  key = lines[0].strip("'\"\\ ") if lines else "?"
+  culprit = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a), key)
+  hint = " ".join(line.strip() for line in lines[1:])
+  sys.exit(f"error: unknown config key {culprit!r} (configs are locked). {hint}".rstrip())
+
+
+try:  # config_flags applies `--config.key=value` overrides to the default config as it is defined
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG if os.path.exists(_DEFAULT_CONFIG) else None,
+      "ml_collections config file (optionally FILE.py:ARGS); defaults to configs/digits.py.",
+      lock_config=True)
+except (AttributeError, KeyError) as e:
+  _exit_unknown_key(e, sys.argv)
+
 _DEFAULT_WORKDIR = os.path.join(os.path.expanduser("~"), "noisy_student_workdirs", "digits")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, summaries, config.json and eval.json go "
                                f"(local path or gs://); without --config, defaults to {_DEFAULT_WORKDIR}.")
@@ -106,10 +119,17 @@ def main(argv) -> None:
   logging.info("Result: %s", result)
 
 
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    _exit_unknown_key(e, argv)
+
+
 def run() -> None:
   """Console-script entry point: re-executes under a fast allocator before jax is imported, then runs."""
   allocator.reexec_with_fast_allocator()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

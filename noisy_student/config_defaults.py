@@ -25,7 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_every_steps = 0
-  c.mesh = dict(fsdp=1)
+  # fsdp: devices per model replica on the mesh's 'fsdp' axis; param_sharding 'fsdp' shards large arrays over
+  # it (L0-L2), 'replicate' keeps a full copy per device.
+  c.mesh = dict(fsdp=1, param_sharding="replicate")
   # mode='label': the teacher (config.model) from teacher_workdir/export over data.unlabeled_source.
   c.label = dict(teacher_workdir="", temperature=1.0, hard=False, top_k=0, batch=0, shards_per_process=4,
                  num_bins=100, log_every_batches=50, log_every_secs=60.0)

@@ -130,9 +130,11 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   start_shard = _all_min(done.index(False) if False in done else per_process)
 
   if start_shard < per_process:
-    logging.info("Labeling %s: %d batches of %d on %d processes, %d shards (resuming at shard %d of %d "
-                 "per process).", source.spec, num_batches, global_batch, source.process_count, count,
-                 start_shard, per_process)
+    logging.info("Labeling %s: %d batches of %d on %d processes, %d shards.", source.spec, num_batches,
+                 global_batch, source.process_count, count)
+    if start_shard:
+      logging.info("Shards before %d of each process are complete: resuming at shard %d.", start_shard,
+                   start_shard)
     _run(config, variables, model, mesh, source, folder, global_batch, num_batches, bounds, done,
          start_shard, first, count, num_classes)
   multihost_utils.sync_global_devices("labels: shards written")

@@ -42,3 +42,36 @@ def host_to_global(tree: Any, mesh: Mesh) -> Any:
   """Host-local numpy batches (this process's rows) -> global jax.Arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+# ----------------------------------------------------------------------------- parameter sharding rules
+
+PARAM_SHARDINGS = ("replicate", "fsdp")
+FSDP_MIN_SIZE = 2**14  # arrays smaller than this (biases, BN vectors, small kernels) stay replicated
+
+
+def fsdp_spec(shape: Sequence[int], fsdp: int, min_size: int = FSDP_MIN_SIZE) -> PartitionSpec:
+  """The rule for one array: its largest dimension divisible by the fsdp axis, split over 'fsdp'.
+
+  Applied per array, so parameters, their optimizer moments and EMA copies (same shapes) shard alike.
+  Arrays below `min_size` elements or without a divisible dimension are replicated.
+  """
+  if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return PartitionSpec()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      return PartitionSpec(*([None] * dim + ["fsdp"]))
+  return PartitionSpec()
+
+
+def state_shardings(tree: Any, mesh: Mesh, mode: str = "replicate",
+                    min_size: int = FSDP_MIN_SIZE) -> Any:
+  """NamedShardings for a train-state pytree (arrays or ShapeDtypeStructs): 'replicate' or 'fsdp'.
+
+  fsdp (for L0-L2-sized models) keeps 1/fsdp of every large array per device; jit inserts the all-gathers
+  before use and reduce-scatters the gradients, so the step computes the same numbers as replicated.
+  """
+  if mode not in PARAM_SHARDINGS:
+    raise ValueError(f"param_sharding={mode!r}; expected one of {PARAM_SHARDINGS}.")
+  fsdp = mesh.shape["fsdp"] if mode == "fsdp" else 1
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp, min_size)), tree)

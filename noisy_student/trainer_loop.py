@@ -163,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   model = build_model(config, num_classes)
 
   state = train_lib.create_train_state(model, tx, jax.random.key(config.seed), config.model.image_size,
-                                       mesh=mesh)
+                                       mesh=mesh, param_sharding=config.mesh.param_sharding)
   manager = checkpoint.create_manager(str(workdir / CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
   restored = checkpoint.restore_latest(manager, state)
   if restored is not None:
@@ -178,7 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     writer.write_hparams(_flat(config.to_dict()))
 
   train_step = train_lib.make_train_step(model, tx, mesh, label_smoothing=opt.label_smoothing,
-                                         ema_decay=opt.ema_decay, schedule=schedule)
+                                         ema_decay=opt.ema_decay, schedule=schedule,
+                                         state_shardings=jax.tree.map(lambda x: x.sharding, state))
   eval_step = train_lib.make_eval_step(model, mesh)
   batches = data_lib.train_iterator(
       labeled, labeled_batch=config.data.labeled_batch, image_size=config.model.image_size,
@@ -270,7 +271,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Opti
   model = build_model(config, config.model.num_classes)
   _, tx = build_optimizer(config, 1, 1)  # only the state's structure matters for restoring
   template = train_lib.create_train_state(model, tx, jax.random.key(config.seed), config.model.image_size,
-                                          mesh=mesh)
+                                          mesh=mesh, param_sharding=config.mesh.param_sharding)
   manager = checkpoint.create_manager(str(workdir / CHECKPOINT_DIR), max_to_keep=None)
   state = checkpoint.restore_latest(manager, template)
   if state is None:

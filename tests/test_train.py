@@ -40,23 +40,33 @@ def setup():
   return model, tx, schedule, state
 
 
-@functools.lru_cache(maxsize=None)
-def _step_fn(model, tx, schedule, mesh_shape):
-  """Compiled once per mesh shape for the module (reused by parity and resume tests)."""
-  data, fsdp = mesh_shape
-  mesh = sharding.create_mesh(data, fsdp, devices=jax.devices()[:data * fsdp])
-  return mesh, train.make_train_step(model, tx, mesh, schedule=schedule)
+_STEP_FNS = {}
 
 
-def run_steps(setup, mesh_shape, start_state, first, last):
-  model, tx, schedule, _ = setup
-  mesh, step_fn = _step_fn(model, tx, schedule, mesh_shape)
-  state = train.replicate(start_state, mesh)
+def _step_fn(setup, mesh_shape, param_sharding="replicate"):
+  """(mesh, state shardings, step), compiled once per mesh shape and rule for the module."""
+  key = (mesh_shape, param_sharding)
+  if key not in _STEP_FNS:
+    model, tx, schedule, init = setup
+    data, fsdp = mesh_shape
+    mesh = sharding.create_mesh(data, fsdp, devices=jax.devices()[:data * fsdp])
+    shardings = sharding.state_shardings(init, mesh, param_sharding)
+    _STEP_FNS[key] = mesh, shardings, train.make_train_step(model, tx, mesh, schedule=schedule,
+                                                            state_shardings=shardings)
+  return _STEP_FNS[key]
+
+
+def run_steps(setup, mesh_shape, start_state, first, last, param_sharding="replicate"):
+  mesh, shardings, step_fn = _step_fn(setup, mesh_shape, param_sharding)
+  state = jax.device_put(jax.device_get(start_state), shardings)
   metrics = []
   for step in range(first, last):
     state, m = step_fn(state, sharding.host_to_global(make_batch(step), mesh))
     train.check_finite(m["loss"], step)
     metrics.append(jax.device_get(m))
+  if param_sharding == "fsdp":  # the returned state really is split: large arrays over the 'fsdp' axis
+    specs = [tuple(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) + jax.tree.leaves(state.params)]
+    assert any("fsdp" in s for s in specs) and any(s == () for s in specs), specs
   return jax.device_get(state), metrics
 
 
@@ -72,11 +82,12 @@ def assert_trees_close(a, b, rtol):
     np.testing.assert_allclose(x, y, rtol=0, atol=rtol * scale, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("mesh_shape", [(4, 2), (8, 1)])
-def test_train_step_on_8_devices_matches_1_device(setup, mesh_shape):
+@pytest.mark.parametrize("mesh_shape,param_sharding", [((4, 2), "replicate"), ((8, 1), "replicate"),
+                                                        ((2, 4), "fsdp")])
+def test_train_step_on_8_devices_matches_1_device(setup, mesh_shape, param_sharding):
   init = setup[3]
   one, m1 = run_steps(setup, (1, 1), init, 0, 1)
-  many, m8 = run_steps(setup, mesh_shape, init, 0, 1)
+  many, m8 = run_steps(setup, mesh_shape, init, 0, 1, param_sharding)
   np.testing.assert_allclose(m8[0]["loss"], m1[0]["loss"], rtol=1e-5)
   np.testing.assert_allclose(m8[0]["grad_norm"], m1[0]["grad_norm"], rtol=1e-4)
   assert int(one.step) == int(many.step) == 1
@@ -102,7 +113,7 @@ def test_kill_and_resume_is_bit_identical(setup, tmp_path):
   manager.wait_until_finished()
   del first
   # "Restart": a fresh state of the same model, overwritten by the latest checkpoint.
-  mesh, _ = _step_fn(setup[0], setup[1], setup[2], (1, 1))
+  mesh, _, _ = _step_fn(setup, (1, 1))
   restored = checkpoint.restore_latest(checkpoint.create_manager(str(tmp_path / "ckpt")),
                                        train.replicate(init, mesh))
   assert int(restored.step) == 2

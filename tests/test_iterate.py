@@ -1,0 +1,99 @@
+"""The Noisy Student loop: the stage plan, and a SIGKILL during a student stage that the same command
+resumes from the student's last checkpoint, ending with exactly the uninterrupted run's results."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from data_fixtures import digits_data_dir
+from noisy_student import iterate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _digits_config():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("digits_config", os.path.join(REPO, "configs", "digits.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_plan_derives_every_stage_from_the_config():
+  c = _digits_config()
+  stages = iterate.plan(c)
+  assert [s.name for s in stages] == ["00_teacher", "01_labels", "01_student", "02_labels", "02_student"]
+  teacher, student = stages[0].config, stages[2].config
+  assert teacher.mode == "train" and teacher.data.ratio == 0 and teacher.data.unlabeled == ""
+  # The teacher is noised like the students (the paper's baselines use the same noise).
+  assert teacher.data.randaugment_layers == student.data.randaugment_layers == 2
+  assert student.data.ratio == c.iterate.ratio == 3 and student.model.dropout_rate == c.model.dropout_rate
+  assert stages[1].config.mode == "label" and stages[1].config.model.name == teacher.model.name
+
+  c.iterate.student_noise = False
+  c.iterate.student_models = "efficientnet-tiny,efficientnet-small"
+  c.iterate.student_image_sizes = ",32"
+  stages = iterate.plan(c)
+  quiet = stages[2].config
+  assert (quiet.data.randaugment_layers, quiet.model.dropout_rate, quiet.model.survival_prob) == (0, 0.0, 1.0)
+  assert stages[0].config.data.randaugment_layers == 2  # the teacher keeps its noise
+  assert stages[4].config.model.name == "efficientnet-small" and stages[4].config.model.image_size == 32
+  assert stages[3].config.model.name == "efficientnet-tiny"  # labels come from the previous student
+  c.iterate.student_models = "efficientnet-b0"
+  with pytest.raises(ValueError, match="student_models has 1 entries, expected one per iteration"):
+    iterate.plan(c)
+
+
+def _env():
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  return env
+
+
+def _command(workdir):
+  return [sys.executable, "-m", "noisy_student", "--config=configs/digits.py", f"--workdir={workdir}",
+          f"--config.data.data_dir={digits_data_dir()}", "--config.num_train_steps=30",
+          "--config.iterate.num_iterations=1", "--config.iterate.student_num_train_steps=40",
+          "--config.checkpoint_every_steps=10", "--config.log_every_steps=10",
+          "--config.data.unlabeled_source=tfds:digits:train[50:370]", "--config.data.eval=tfds:digits:test[:200]",
+          "--config.select.threshold=0.0"]
+
+
+@pytest.mark.slow
+def test_sigkill_during_student_resumes_from_its_checkpoint(tmp_path):
+  whole = tmp_path / "whole"
+  done = subprocess.run(_command(whole), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  expected = json.loads((whole / "summary.json").read_text())
+  assert [s["name"] for s in expected["stages"]] == ["00_teacher", "01_student"]
+  assert "00_teacher" in done.stdout and "01_student" in done.stdout  # the printed table
+  assert (whole / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_command(killed), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  in_student = False
+  for line in proc.stdout:
+    in_student = in_student or "Stage 01_student" in line
+    if in_student and re.search(r"\[20\] train/", line):
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.wait()
+  assert in_student, "the run ended before its student stage"
+  assert (killed / "00_teacher" / "DONE").exists() and (killed / "01_labels" / "DONE").exists()
+  assert not (killed / "01_student" / "DONE").exists()
+  saved = sorted(int(p) for p in os.listdir(killed / "01_student" / "checkpoints") if p.isdigit())
+  assert saved and saved[-1] < 40
+
+  rerun = subprocess.run(_command(killed), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "Stage 00_teacher already done" in rerun.stderr and "Stage 01_labels already done" in rerun.stderr
+  restored = re.search(r"Restored the train state from step (\d+)", rerun.stderr)
+  assert restored and int(restored.group(1)) == saved[-1], rerun.stderr[-3000:]
+  assert json.loads((killed / "summary.json").read_text()) == expected
