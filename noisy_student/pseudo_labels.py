@@ -62,7 +62,8 @@ def make_example(encoded: bytes, key: bytes, probabilities: np.ndarray, *, top_k
       feature["topk/probabilities"] = _floats((top / top.sum()).astype(np.float32))
     else:
       feature["probabilities"] = _floats(p)
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  # deterministic: map fields in key order, so a rerun (another process, another hash seed) writes the same bytes
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def _bytes(value: bytes) -> tf.train.Feature:
