@@ -14,9 +14,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = dict(name="efficientnet-b0", num_classes=1000, dropout_rate=0.2, survival_prob=0.8,
                  bn_momentum=0.99, image_size=224, small_image=False)
   # unlabeled: pseudo-labeled TFRecord glob (a student); unlabeled_source: raw images the teacher labels.
+  # global_order: every process reads the train sources whole, so batches are the same on any number of
+  # processes (for datasets small enough to cache); False: each process reads only its own part.
   c.data = dict(labeled="", unlabeled="", unlabeled_source="", eval="", ratio=0, labeled_batch=2048,
                 eval_batch=1024, randaugment_layers=0, randaugment_magnitude=0.0, crop="inception",
-                eval_crop="center", flip=True, data_dir="")
+                eval_crop="center", flip=True, data_dir="", global_order=False)
   c.optimizer = dict(name="rmsprop", base_lr=0.016, weight_decay=1e-5, warmup_epochs=5.0,
                      schedule="exponential", ema_decay=0.9999, label_smoothing=0.1)
   c.num_train_steps = 0  # > 0 overrides num_epochs

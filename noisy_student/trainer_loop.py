@@ -84,7 +84,13 @@ def open_pseudo_labels(config: ml_collections.ConfigDict, workdir: epath.Path):
                  s.threshold, selection["per_class"], selection["expected_total"], stats["num_examples"])
   return data_lib.open_source(config.data.unlabeled, data_dir=_opt(config.data.data_dir),
                               num_classes=config.model.num_classes, selection=selection,
-                              selection_seed=config.seed)
+                              selection_seed=config.seed, **_whole(config))
+
+
+def _whole(config: ml_collections.ConfigDict) -> Dict[str, int]:
+  """config.data.global_order: every process opens the train sources whole and keeps its rows of each global
+  batch, so batches do not depend on the process count (small datasets); else each reads its own part."""
+  return dict(process_index=0, process_count=1) if config.data.get("global_order") else {}
 
 
 def evaluate(eval_step, variables, source, config, mesh) -> Dict[str, float]:
@@ -141,7 +147,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   data_dir = _opt(config.data.data_dir)
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
 
-  labeled = data_lib.open_source(config.data.labeled, data_dir=data_dir, num_classes=config.model.num_classes)
+  whole = _whole(config)
+  labeled = data_lib.open_source(config.data.labeled, data_dir=data_dir, num_classes=config.model.num_classes,
+                                 **whole)
   unlabeled = None
   if config.data.ratio and not _opt(config.data.unlabeled):
     raise ValueError(f"config.data.ratio={config.data.ratio} needs pseudo-labeled TFRecords in "

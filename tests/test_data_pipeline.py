@@ -145,10 +145,24 @@ def _small_train(data_dir, tmp_path, start_step, steps, **kw):
   write_pseudo_labels(data_dir, tmp_path)
   labeled = sources.open_source("tfds:digits:train[:50]", data_dir=data_dir, **ONE)
   pseudo = sources.open_source(str(tmp_path / "labels-*.tfrecord"), num_classes=10, **ONE)
-  ds = pipeline.train_dataset(labeled, batch_size=16, image_size=16, seed=42, start_step=start_step,
-                              unlabeled=pseudo, unlabeled_batch_size=32, crop="pad_crop", pad=2,
-                              flip=False, noise=pipeline.Noise(2, 9), **kw)
+  kw = dict(dict(batch_size=16, unlabeled_batch_size=32), **kw)
+  ds = pipeline.train_dataset(labeled, image_size=16, seed=42, start_step=start_step, unlabeled=pseudo,
+                              crop="pad_crop", pad=2, flip=False, noise=pipeline.Noise(2, 9), **kw)
   return list(ds.take(steps).as_numpy_iterator())
+
+
+def test_global_order_gives_each_process_its_rows_of_the_one_process_batches(data_dir, tmp_path):
+  """global_rows=(p, 2): two processes reading the sources whole produce exactly the halves of the
+  one-process batches (augmentations included), from step 0 and after a resume at step 4."""
+  for start in (0, 4):
+    whole = _small_train(data_dir, tmp_path, start, 3)
+    halves = [_small_train(data_dir, tmp_path, start, 3, global_rows=(p, 2), batch_size=8,
+                           unlabeled_batch_size=16) for p in range(2)]
+    for step, batch in enumerate(whole):
+      for k in batch:
+        lab = np.concatenate([halves[0][step][k][:8], halves[1][step][k][:8]])
+        pseudo = np.concatenate([halves[0][step][k][8:], halves[1][step][k][8:]])
+        np.testing.assert_array_equal(np.concatenate([lab, pseudo]), batch[k], err_msg=f"{start} {step} {k}")
 
 
 def test_mixed_batches_layout(data_dir, tmp_path):

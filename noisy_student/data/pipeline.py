@@ -17,7 +17,7 @@ Batches are dicts of global arrays sharded over the mesh's ('data', 'fsdp') axes
 
 import dataclasses
 import math
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -92,8 +92,9 @@ def _targets(ex, num_classes):
 
 
 def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, stream_id, crop, flip,
-                   pad, noise, cache, shuffle_buffer, is_labeled):
+                   pad, noise, cache, shuffle_buffer, is_labeled, rows=(0, 1)):
   scale = noise.geometry_scale(image_size)
+  row, of = rows  # this process's share of every global batch of a source read whole (global order)
 
   def prepare(position, ex):
     s = tf.random.experimental.stateless_split(
@@ -107,8 +108,11 @@ def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, 
     return {"image": image, "targets": _targets(ex, num_classes),
             "is_labeled": tf.constant(is_labeled)}
 
-  ds = stream(source, start=start_step * batch, seed=seed, stream_id=stream_id, cache=cache,
+  global_batch = batch * of
+  ds = stream(source, start=start_step * global_batch, seed=seed, stream_id=stream_id, cache=cache,
               shuffle_buffer=shuffle_buffer)
+  if of > 1:  # keep this process's rows of each global batch, before decoding anything
+    ds = ds.filter(lambda position, ex: (position % global_batch) // batch == row)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.batch(batch, drop_remainder=True)
 
@@ -117,11 +121,14 @@ def train_dataset(labeled: Source, *, batch_size: int, image_size: int, seed: in
                   unlabeled: Optional[Source] = None, unlabeled_batch_size: int = 0,
                   num_classes: Optional[int] = None, crop: str = "inception", flip: bool = True,
                   pad: int = 4, noise: Noise = Noise(), cache: Optional[bool] = None,
-                  shuffle_buffer: int = SHUFFLE_BUFFER) -> tf.data.Dataset:
+                  shuffle_buffer: int = SHUFFLE_BUFFER,
+                  global_rows: Tuple[int, int] = (0, 1)) -> tf.data.Dataset:
   """This process's endless train batches (numpy via tf.data), from step `start_step`.
 
   batch_size / unlabeled_batch_size are per process. Each element holds batch_size labeled rows followed
-  by unlabeled_batch_size pseudo-labeled rows.
+  by unlabeled_batch_size pseudo-labeled rows. global_rows=(p, P) reads sources opened whole (every
+  process sees all records) in one global order and keeps process p's rows of each global batch: the
+  batches, augmentations included, are then the same for any number of processes.
   """
   num_classes = num_classes or labeled.num_classes
   if not num_classes:
@@ -130,7 +137,7 @@ def train_dataset(labeled: Source, *, batch_size: int, image_size: int, seed: in
     if src is not None and src.num_classes and src.num_classes != num_classes:
       raise ValueError(f"{src.spec}: has {src.num_classes} classes, expected {num_classes}.")
   kw = dict(start_step=start_step, image_size=image_size, num_classes=num_classes, seed=seed, crop=crop,
-            flip=flip, pad=pad, noise=noise, cache=cache, shuffle_buffer=shuffle_buffer)
+            flip=flip, pad=pad, noise=noise, cache=cache, shuffle_buffer=shuffle_buffer, rows=global_rows)
   ds = _batched_train(labeled, batch=batch_size, stream_id=0, is_labeled=True, **kw)
   if unlabeled is not None and unlabeled_batch_size > 0:
     pseudo = _batched_train(unlabeled, batch=unlabeled_batch_size, stream_id=1, is_labeled=False, **kw)
@@ -147,15 +154,30 @@ def _local_batch(global_batch, what, mesh, process_count):
   return global_batch // process_count
 
 
+def mesh_process_count(mesh) -> int:
+  return len({d.process_index for d in mesh.devices.flat})
+
+
 def train_iterator(labeled: Source, *, labeled_batch: int, image_size: int, seed: int,
                    start_step: int = 0, unlabeled: Optional[Source] = None, ratio: int = 0,
                    mesh=None, **kwargs) -> Iterator[dict]:
   """Global train batches from `start_step` on: labeled_batch labeled + ratio x labeled_batch pseudo-labeled.
 
+  Sources opened per process (the default) each feed their process's rows. Sources opened whole
+  (process_count=1) while jax runs several processes are read in global order (see train_dataset's
+  global_rows): the same batches as a one-process run, at the cost of every process reading every raw
+  record; meant for datasets small enough to cache.
   Other keyword arguments (crop, flip, pad, noise, num_classes, cache, shuffle_buffer) go to train_dataset.
   """
   mesh = mesh if mesh is not None else sharding.create_mesh()
   procs = labeled.process_count
+  if unlabeled is not None and unlabeled.process_count != procs:
+    raise ValueError(f"{labeled.spec} is split over {procs} processes but {unlabeled.spec} over "
+                     f"{unlabeled.process_count}; open both per process or both whole.")
+  if procs == 1 and mesh_process_count(mesh) > 1:
+    import jax  # pylint: disable=g-import-not-at-top
+    kwargs["global_rows"] = (jax.process_index(), jax.process_count())
+    procs = jax.process_count()
   local = _local_batch(labeled_batch, "labeled_batch", mesh, procs)
   local_u = 0
   if unlabeled is not None and ratio:
