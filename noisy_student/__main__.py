@@ -94,6 +94,7 @@ def main(argv) -> None:
   from noisy_student import iterate, label, train, trainer_loop  # pylint: disable=g-import-not-at-top
   from noisy_student.checkpoint import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
   from noisy_student.data.sources import CorruptRecordError  # pylint: disable=g-import-not-at-top
+  from noisy_student.iterate import StageConfigMismatchError  # pylint: disable=g-import-not-at-top
 
   workdir = epath.Path(workdir)
   if jax.process_index() == 0:
@@ -112,7 +113,7 @@ def main(argv) -> None:
       result = iterate.iterate(config, str(workdir))
     else:
       raise app.UsageError(f"Unknown config.mode {config.mode!r}; use train, evaluate, label or iterate.")
-  except (FileNotFoundError, CheckpointMismatchError, CorruptRecordError) as e:  # incl. DatasetNotPreparedError
+  except (FileNotFoundError, CheckpointMismatchError, CorruptRecordError, StageConfigMismatchError) as e:  # incl. DatasetNotPreparedError
     # Errors a user fixes from the command line: one clear line, not a traceback.
     logging.error("%s: %s", type(e).__name__, e)
     sys.exit(f"error: {type(e).__name__}: {e}")

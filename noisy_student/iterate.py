@@ -14,6 +14,7 @@ iteration (accuracy.png).
 """
 
 import dataclasses
+import json
 from typing import Any, Dict, List, Optional
 
 import jax
@@ -26,6 +27,7 @@ from jax.experimental import multihost_utils
 from noisy_student import checkpoint, label as label_lib, pseudo_labels, train
 
 DONE = "DONE"
+STAGE_CONFIG = "stage_config.json"
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "accuracy.png"
 
@@ -96,6 +98,38 @@ def _stage_config(stage: Stage, workdir: epath.Path, previous: Optional[Stage]) 
   return c
 
 
+class StageConfigMismatchError(ValueError):
+  """A rerun's config differs from the one a stage folder was started with."""
+
+
+# Keys that change how a run reports, not what it computes: a rerun may change them.
+_RERUN_MAY_CHANGE = {"log_every_steps", "eval_every_steps", "keep_checkpoints", "label.log_every_batches",
+                     "label.log_every_secs"}
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def _check_same_config(folder: epath.Path, config: ml_collections.ConfigDict) -> None:
+  """A stage started (or finished) under another config is an error naming the keys: resuming it would mix
+  two experiments in one result."""
+  path = folder / STAGE_CONFIG
+  if not path.exists():
+    return
+  before = _flat(pseudo_labels.read_json(path))
+  now = _flat(json.loads(config.to_json()))
+  changed = sorted(k for k in set(before) | set(now)
+                   if before.get(k) != now.get(k) and k not in _RERUN_MAY_CHANGE)
+  if changed:
+    details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+    raise StageConfigMismatchError(f"{folder} was run with another config ({details}). Resume with the same config, or "
+                     "use a new workdir.")
+
+
 def _run_stage(stage: Stage, config, folder: epath.Path) -> Optional[Dict[str, Any]]:
   """Runs one stage; returns its result, or None when it was preempted (SIGTERM)."""
   if stage.kind == "labels":
@@ -129,12 +163,15 @@ def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     folder = workdir / stage.name
     done = folder / DONE
     stage_config = _stage_config(stage, workdir, previous)
+    _check_same_config(folder, stage_config)
     if done.exists():
       result = pseudo_labels.read_json(done)
       logging.info("Stage %s already done: %s", stage.name, result)
     else:
       logging.info("Stage %s: %s (%s)", stage.name, stage.kind, stage_config.model.name)
       folder.mkdir(parents=True, exist_ok=True)
+      if jax.process_index() == 0:
+        pseudo_labels.write_json(folder / STAGE_CONFIG, stage_config.to_dict())
       result = _run_stage(stage, stage_config, folder)
       if result is None:
         logging.warning("Stopped during %s; rerun the same command to resume.", stage.name)

@@ -120,8 +120,8 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   source = data_lib.open_source(config.data.unlabeled_source, data_dir=config.data.data_dir or None,
                                 labeled=False, with_key=True)
   global_batch = lc.batch or config.data.eval_batch
-  local_batch = pipeline._local_batch(global_batch, "label batch", mesh, source.process_count)  # pylint: disable=protected-access
-  num_batches = pipeline.eval_num_batches(source, local_batch)
+  local = pipeline.local_batch(global_batch, "config.label.batch", mesh, source.process_count)
+  num_batches = pipeline.eval_num_batches(source, local)
   per_process = min(lc.shards_per_process, num_batches)
   count = per_process * source.process_count
   first = source.process_index * per_process

@@ -169,7 +169,8 @@ def _free_port():
 
 
 def _losses(log):
-  return {int(step): float(loss) for step, loss in re.findall(r"\[(\d+)\] train/loss=([-\d.e]+)", log)}
+  return {int(step): float(loss)
+          for step, loss in re.findall(r"\[(\d+)\] (?:[^\n]*[ ,])?train/loss=([-\d.e]+)", log)}
 
 
 @pytest.mark.slow
@@ -200,7 +201,7 @@ def test_two_processes_train_digits_like_one(tmp_path):
   print("one process:", one_metrics, "two processes:", two_metrics)
   assert two_metrics["count"] == one_metrics["count"] == 497 and two_metrics["step"] == 100
   assert abs(two_metrics["top1"] - one_metrics["top1"]) <= 1 / 497  # at most one image differs
-  one_losses, two_losses = _losses(one.stderr), _losses(outs[0])
+  one_losses, two_losses = _losses(one.stdout + one.stderr), _losses(outs[0])
   assert sorted(one_losses) == sorted(two_losses) == [20, 40, 60, 80, 100]
   for step in one_losses:
     assert two_losses[step] == pytest.approx(one_losses[step], rel=1e-4), step

@@ -97,3 +97,10 @@ def test_sigkill_during_student_resumes_from_its_checkpoint(tmp_path):
   restored = re.search(r"Restored the train state from step (\d+)", rerun.stderr)
   assert restored and int(restored.group(1)) == saved[-1], rerun.stderr[-3000:]
   assert json.loads((killed / "summary.json").read_text()) == expected
+
+  # Rerunning into the same workdir with a different recipe is refused, naming the key.
+  changed = subprocess.run(_command(killed) + ["--config.iterate.ratio=2"], cwd=REPO, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+  assert changed.returncode == 1
+  last = changed.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: StageConfigMismatchError") and "00_teacher was run with another config (iterate.ratio: 3 -> 2)" in last, last

@@ -146,7 +146,8 @@ def train_dataset(labeled: Source, *, batch_size: int, image_size: int, seed: in
   return _options(ds.prefetch(tf.data.AUTOTUNE))
 
 
-def _local_batch(global_batch, what, mesh, process_count):
+def local_batch(global_batch: int, what: str, mesh, process_count: int) -> int:
+  """This process's share of a global batch; an error naming `what` unless it splits evenly."""
   devices = sharding.batch_devices(mesh)
   if global_batch % devices or global_batch % process_count:
     raise ValueError(f"{what}={global_batch} must be a multiple of the {devices} batch devices "
@@ -178,10 +179,10 @@ def train_iterator(labeled: Source, *, labeled_batch: int, image_size: int, seed
     import jax  # pylint: disable=g-import-not-at-top
     kwargs["global_rows"] = (jax.process_index(), jax.process_count())
     procs = jax.process_count()
-  local = _local_batch(labeled_batch, "labeled_batch", mesh, procs)
+  local = local_batch(labeled_batch, "labeled_batch", mesh, procs)
   local_u = 0
   if unlabeled is not None and ratio:
-    local_u = _local_batch(labeled_batch * ratio, "ratio x labeled_batch", mesh, procs)
+    local_u = local_batch(labeled_batch * ratio, "ratio x labeled_batch", mesh, procs)
   elif ratio and unlabeled is None:
     raise ValueError(f"ratio={ratio} but no unlabeled (pseudo-labeled) source was given.")
   ds = train_dataset(labeled, batch_size=local, image_size=image_size, seed=seed, start_step=start_step,
@@ -222,14 +223,14 @@ def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_siz
   return _options(ds.prefetch(tf.data.AUTOTUNE))
 
 
-def eval_num_batches(source: Source, local_batch: int) -> int:
+def eval_num_batches(source: Source, per_process_batch: int) -> int:
   """Batches every process runs: enough for the largest process part (asks jax when not in metadata)."""
   largest = source.max_process_examples
   if largest is None:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     counts = multihost_utils.process_allgather(np.int64(source.num_examples))
     largest = int(np.max(counts))
-  return max(1, math.ceil(largest / local_batch))
+  return max(1, math.ceil(largest / per_process_batch))
 
 
 def eval_iterator(source: Source, *, global_batch: int, image_size: int, crop: str = "center",
@@ -239,7 +240,7 @@ def eval_iterator(source: Source, *, global_batch: int, image_size: int, crop: s
   With with_raw, each batch also has 'local': this process's rows as numpy ('encoded', 'key', 'mask').
   """
   mesh = mesh if mesh is not None else sharding.create_mesh()
-  local = _local_batch(global_batch, "global_batch", mesh, source.process_count)
+  local = local_batch(global_batch, "global_batch", mesh, source.process_count)
   ds = eval_dataset(source, batch_size=local, num_batches=eval_num_batches(source, local),
                     image_size=image_size, crop=crop, with_raw=with_raw, start_batch=start_batch)
   for batch in ds.as_numpy_iterator():
