@@ -5,6 +5,7 @@ CIFAR-10 with 4,000 labels (train[:4000]); the other 46,000 training images are 
 teacher labels (data.unlabeled_source), and a student reads them back as TFRecords (data.unlabeled, ratio).
 32x32 inputs with the small-image network (stride 1 in stages 2 and 3) and reflect-pad-4 random crops, as
 the official small-image path. Batch, lr and steps are our choice: the reference gives no CIFAR recipe.
+The whole loop (teacher, labeling, selection, noised students): add `--config.mode=iterate`.
 """
 
 from noisy_student.config_defaults import base_config

@@ -4,6 +4,7 @@ The official Noisy Student SVHN recipe: EfficientNet-B0 on 32x32 images with the
 labeled batch 128, train split labeled, `extra` (531,131 images) as the unlabeled pool, soft pseudo-labels at
 temperature 1, unlabeled ratio 1 for the student with RandAugment. No flips (digits). The step count is our
 choice (the official script sets none in its flags): 100 epochs of the labeled set.
+The whole loop (teacher, labeling, selection, noised students): add `--config.mode=iterate`.
 """
 
 from noisy_student.config_defaults import base_config

@@ -104,3 +104,30 @@ def test_sigkill_during_student_resumes_from_its_checkpoint(tmp_path):
   assert changed.returncode == 1
   last = changed.stderr.strip().splitlines()[-1]
   assert last.startswith("error: StageConfigMismatchError") and "00_teacher was run with another config (iterate.ratio: 3 -> 2)" in last, last
+
+
+def test_first_teacher_from_an_official_checkpoint(tmp_path):
+  """config.iterate.teacher_checkpoint: the TF checkpoint's EMA variables become the teacher's export (what
+  the first labeling job loads) and are evaluated, instead of training a teacher."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from test_convert import tiny_reference, write_checkpoint  # pylint: disable=g-import-not-at-top
+  from noisy_student import checkpoint  # pylint: disable=g-import-not-at-top
+
+  reference, ema, raw = tiny_reference(num_classes=10)
+  tensors = dict(raw, **{f"{name}/ExponentialMovingAverage": value for name, value in ema.items()})
+  prefix = write_checkpoint(str(tmp_path), tensors)
+  c = _digits_config()
+  c.data.data_dir = digits_data_dir()
+  c.iterate.teacher_checkpoint = prefix
+  teacher = iterate.plan(c)[0]
+  folder = tmp_path / "00_teacher"
+  result = iterate._run_stage(teacher, teacher.config, folder)  # pylint: disable=protected-access
+  assert result["count"] == 497 and 0 <= result["top1"] <= result["top5"] <= 1
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), reference)
+  exported = checkpoint.load_inference_variables(str(folder / checkpoint.EXPORT_DIR), template)
+  want, got = traverse_util.flatten_dict(reference), traverse_util.flatten_dict(exported)
+  assert set(want) == set(got)
+  for key in want:  # the EMA copies, not the raw variables
+    np.testing.assert_array_equal(np.asarray(got[key]), want[key], err_msg=str(key))
