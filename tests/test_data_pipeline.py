@@ -237,3 +237,19 @@ def test_eval_parts_of_three_processes_cover_the_split(data_dir):
                                    with_raw=True).as_numpy_iterator():
       keys += [k for k, m in zip(b["key"], b["mask"]) if m]
   assert nums == {11} and len(keys) == len(set(keys)) == 497
+
+
+def test_eval_start_batch_equals_the_tail_of_a_full_pass(data_dir):
+  """A resumed labeling job starts at a batch: the same batches as the full pass from there, padding
+  included, even when only padding is left (5 real batches, 7 in all)."""
+  src = sources.open_source("tfds:digits:test[:37]", data_dir=data_dir, with_key=True, **ONE)
+  full = list(pipeline.eval_dataset(src, batch_size=8, num_batches=7, image_size=8, crop="resize",
+                                    with_raw=True).as_numpy_iterator())
+  for start in (0, 2, 4, 5, 6):
+    tail = list(pipeline.eval_dataset(src, batch_size=8, num_batches=7, image_size=8, crop="resize",
+                                      with_raw=True, start_batch=start).as_numpy_iterator())
+    assert len(tail) == 7 - start
+    for a, b in zip(full[start:], tail):
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+  assert [int(b["mask"].sum()) for b in full] == [8, 8, 8, 8, 5, 0, 0]

@@ -215,11 +215,12 @@ def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_siz
         out["key"] = ex["key"]
     return out
 
-  ds = source.dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  skipped = start_batch * batch_size  # raw records dropped undecoded
+  ds = source.dataset.skip(skipped).map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   padding = tf.data.Dataset.from_tensors(
       tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec))
-  ds = ds.concatenate(padding.repeat(num_batches * batch_size - source.num_examples))
-  ds = ds.batch(batch_size, drop_remainder=True).skip(start_batch)
+  ds = ds.concatenate(padding.repeat(num_batches * batch_size - max(source.num_examples, skipped)))
+  ds = ds.batch(batch_size, drop_remainder=True)
   return _options(ds.prefetch(tf.data.AUTOTUNE))
 
 
