@@ -92,9 +92,6 @@ def main(argv) -> None:
     jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   from noisy_student import iterate, label, train, trainer_loop  # pylint: disable=g-import-not-at-top
-  from noisy_student.checkpoint import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
-  from noisy_student.data.sources import CorruptRecordError  # pylint: disable=g-import-not-at-top
-  from noisy_student.iterate import StageConfigMismatchError  # pylint: disable=g-import-not-at-top
 
   workdir = epath.Path(workdir)
   if jax.process_index() == 0:
@@ -113,8 +110,9 @@ def main(argv) -> None:
       result = iterate.iterate(config, str(workdir))
     else:
       raise app.UsageError(f"Unknown config.mode {config.mode!r}; use train, evaluate, label or iterate.")
-  except (FileNotFoundError, CheckpointMismatchError, CorruptRecordError, StageConfigMismatchError) as e:  # incl. DatasetNotPreparedError
+  except (FileNotFoundError, ValueError) as e:  # incl. the checkpoint, record and stage-config mismatches  # incl. DatasetNotPreparedError
     # Errors a user fixes from the command line: one clear line, not a traceback.
+    logging.debug("Traceback of the error below:", exc_info=True)  # --verbosity=1 shows it
     logging.error("%s: %s", type(e).__name__, e)
     sys.exit(f"error: {type(e).__name__}: {e}")
   logging.info("Result: %s", result)

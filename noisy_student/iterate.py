@@ -103,8 +103,11 @@ class StageConfigMismatchError(ValueError):
 
 
 # Keys that change how a run reports, not what it computes: a rerun may change them.
+# Paths derived from the workdir may differ (a relative --workdir, a copied workdir), and num_iterations may
+# grow to extend a finished loop.
 _RERUN_MAY_CHANGE = {"log_every_steps", "eval_every_steps", "keep_checkpoints", "label.log_every_batches",
-                     "label.log_every_secs"}
+                     "label.log_every_secs", "label.teacher_workdir", "data.unlabeled",
+                     "iterate.num_iterations"}
 
 
 def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -115,8 +118,8 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def _check_same_config(folder: epath.Path, config: ml_collections.ConfigDict) -> None:
-  """A stage started (or finished) under another config is an error naming the keys: resuming it would mix
-  two experiments in one result."""
+  """Resuming an unfinished stage under another config is an error naming the keys: it would mix two
+  experiments in one result. (Finished stages are reused as they are, like any resumed run.)"""
   path = folder / STAGE_CONFIG
   if not path.exists():
     return
@@ -163,7 +166,8 @@ def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     folder = workdir / stage.name
     done = folder / DONE
     stage_config = _stage_config(stage, workdir, previous)
-    _check_same_config(folder, stage_config)
+    if not done.exists():
+      _check_same_config(folder, stage_config)
     if done.exists():
       result = pseudo_labels.read_json(done)
       logging.info("Stage %s already done: %s", stage.name, result)

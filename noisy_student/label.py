@@ -66,15 +66,33 @@ def shard_bounds(num_batches: int, shards: int) -> List[int]:
   return [j * num_batches // shards for j in range(shards + 1)]
 
 
-def _complete(folder: epath.Path, index: int, count: int) -> bool:
-  return ((folder / pseudo_labels.shard_name(index, count)).exists()
-          and (folder / pseudo_labels.sidecar_name(index, count)).exists())
+def _fingerprint(config: ml_collections.ConfigDict, num_batches: int, global_batch: int) -> Dict[str, Any]:
+  """What a shard's bytes depend on: a shard written under other settings is not reused."""
+  lc, m = config.label, config.model
+  return {"teacher": str(lc.teacher_workdir), "model": m.name, "num_classes": m.num_classes,
+          "image_size": m.image_size, "source": config.data.unlabeled_source,
+          "eval_crop": config.data.get("eval_crop", "center"), "batch": global_batch,
+          "num_batches": num_batches, "temperature": lc.temperature, "top_k": lc.top_k, "hard": bool(lc.hard),
+          "num_bins": lc.num_bins}
+
+
+def _complete(folder: epath.Path, index: int, count: int, fingerprint: Dict[str, Any]) -> bool:
+  """A shard is complete when it exists under its final name with a sidecar of the same settings."""
+  sidecar = folder / pseudo_labels.sidecar_name(index, count)
+  if not ((folder / pseudo_labels.shard_name(index, count)).exists() and sidecar.exists()):
+    return False
+  try:
+    return pseudo_labels.read_json(sidecar).get("fingerprint") == fingerprint
+  except ValueError:  # a damaged sidecar: redo the shard
+    return False
 
 
 class _ShardWriter:
   """Streams one shard's records to a temporary file; `finish` writes the sidecar, then renames."""
 
-  def __init__(self, folder: epath.Path, index: int, count: int, num_classes: int, num_bins: int):
+  def __init__(self, folder: epath.Path, index: int, count: int, num_classes: int, num_bins: int,
+               fingerprint: Dict[str, Any]):
+    self.fingerprint = fingerprint
     self.final = folder / pseudo_labels.shard_name(index, count)
     self.sidecar = folder / pseudo_labels.sidecar_name(index, count)
     self.tmp = str(self.final) + ".tmp"
@@ -91,8 +109,15 @@ class _ShardWriter:
     self.writer.close()
     stats = pseudo_labels.shard_stats(np.asarray(self.labels, np.int64),
                                       np.asarray(self.confidence, np.float32), self.num_classes, self.num_bins)
+    stats["fingerprint"] = self.fingerprint
     pseudo_labels.write_json(self.sidecar, stats)
     tf.io.gfile.rename(self.tmp, str(self.final), overwrite=True)
+
+
+def _all_max(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  return int(np.max(multihost_utils.process_allgather(np.int64(value))))
 
 
 def _all_min(value: int) -> int:
@@ -122,12 +147,17 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   global_batch = lc.batch or config.data.eval_batch
   local = pipeline.local_batch(global_batch, "config.label.batch", mesh, source.process_count)
   num_batches = pipeline.eval_num_batches(source, local)
+  if lc.shards_per_process < 1:
+    raise ValueError(f"config.label.shards_per_process={lc.shards_per_process} must be >= 1.")
   per_process = min(lc.shards_per_process, num_batches)
   count = per_process * source.process_count
   first = source.process_index * per_process
   bounds = shard_bounds(num_batches, per_process)
-  done = [_complete(folder, first + j, count) for j in range(per_process)]
+  fingerprint = _fingerprint(config, num_batches, global_batch)
+  done = [_complete(folder, first + j, count, fingerprint) for j in range(per_process)]
   start_shard = _all_min(done.index(False) if False in done else per_process)
+  if start_shard < per_process and jax.process_index() == 0 and (folder / STATS_FILE).exists():
+    (folder / STATS_FILE).unlink()  # an older manifest must not vouch for shards being rewritten
 
   if start_shard < per_process:
     logging.info("Labeling %s: %d batches of %d on %d processes, %d shards.", source.spec, num_batches,
@@ -136,11 +166,20 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       logging.info("Shards before %d of each process are complete: resuming at shard %d.", start_shard,
                    start_shard)
     _run(config, variables, model, mesh, source, folder, global_batch, num_batches, bounds, done,
-         start_shard, first, count, num_classes)
+         start_shard, first, count, num_classes, fingerprint)
   multihost_utils.sync_global_devices("labels: shards written")
+  failure = None
   if jax.process_index() == 0:
-    stats = _write_manifest(config, folder, count, num_classes)
-  multihost_utils.sync_global_devices("labels: manifest written")
+    try:
+      _write_manifest(config, folder, count, num_classes)
+    except Exception as e:  # pylint: disable=broad-except
+      failure = e
+  # Every process learns whether process 0 wrote the manifest, so none waits for one that will not come.
+  failed = _all_max(int(failure is not None))
+  if failure is not None:
+    raise failure
+  if failed:
+    raise RuntimeError(f"Process 0 failed to write {folder / STATS_FILE}; see its log.")
   stats = pseudo_labels.read_json(folder / STATS_FILE)
   hist = np.asarray(stats["histogram"])
   centers = (np.arange(hist.shape[1]) + 0.5) / hist.shape[1]
@@ -149,7 +188,7 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 
 
 def _run(config, variables, model, mesh, source, folder, global_batch, num_batches, bounds, done,
-         start_shard, first, count, num_classes):
+         start_shard, first, count, num_classes, fingerprint):
   lc = config.label
   infer = make_infer_step(model, mesh)
   batch_spec = PartitionSpec(sharding.BATCH_AXES)
@@ -167,7 +206,7 @@ def _run(config, variables, model, mesh, source, folder, global_batch, num_batch
     if done[j]:
       continue  # another process is behind: keep it company in the collective, rewrite nothing
     if shard_writer is None:
-      shard_writer = _ShardWriter(folder, first + j, count, num_classes, lc.num_bins)
+      shard_writer = _ShardWriter(folder, first + j, count, num_classes, lc.num_bins, fingerprint)
     local = np.asarray(multihost_utils.global_array_to_host_local_array(logits, mesh, batch_spec))
     probs = pseudo_labels.soft_labels(local, lc.temperature)
     raw = batch["local"]
@@ -191,6 +230,7 @@ def _write_manifest(config, folder: epath.Path, count: int, num_classes: int) ->
   parts, shards = [], []
   for index in range(count):
     part = pseudo_labels.read_json(folder / pseudo_labels.sidecar_name(index, count))
+    part.pop("fingerprint", None)
     if part["num_classes"] != num_classes:
       raise ValueError(f"{folder / pseudo_labels.sidecar_name(index, count)}: {part['num_classes']} "
                        f"classes, expected {num_classes} (a stale shard of another teacher?).")
@@ -201,8 +241,11 @@ def _write_manifest(config, folder: epath.Path, count: int, num_classes: int) ->
   stats.update(shards=shards, source=config.data.unlabeled_source, teacher=lc.teacher_workdir,
                model=config.model.name, temperature=lc.temperature, hard=bool(lc.hard), top_k=lc.top_k)
   selection = pseudo_labels.select(stats, **selection_kwargs(config))
-  pseudo_labels.plot_histograms(stats, folder / PLOT_FILE, selection)
-  pseudo_labels.write_json(folder / STATS_FILE, stats)  # last: the manifest marks the labels complete
+  pseudo_labels.write_json(folder / STATS_FILE, stats)  # the manifest marks the labels complete
+  try:
+    pseudo_labels.plot_histograms(stats, folder / PLOT_FILE, selection)
+  except Exception as e:  # pylint: disable=broad-except  # a plot is not worth failing the job for
+    logging.warning("Could not plot %s: %s", folder / PLOT_FILE, e)
   logging.info("Wrote %d pseudo-labels in %d shards to %s; selection keeps %.0f.", stats["num_examples"],
                count, folder, selection["expected_total"])
   return stats

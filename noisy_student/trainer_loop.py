@@ -87,6 +87,19 @@ def open_pseudo_labels(config: ml_collections.ConfigDict, workdir: epath.Path):
                               selection_seed=config.seed, **_whole(config))
 
 
+def _require_examples_everywhere(source) -> None:
+  """Every process must have train examples; else all raise together (one alone would leave the others
+  waiting in the first train step's collectives)."""
+  counts = [source.num_examples]
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    counts = [int(c) for c in multihost_utils.process_allgather(np.int64(source.num_examples))]
+  empty = [i for i, c in enumerate(counts) if c == 0]
+  if empty:
+    raise ValueError(f"{source.spec}: process(es) {empty} have no training examples (per-process counts "
+                     f"{counts}); write more shards, use fewer processes, or set config.data.global_order=True.")
+
+
 def _whole(config: ml_collections.ConfigDict) -> Dict[str, int]:
   """config.data.global_order: every process opens the train sources whole and keeps its rows of each global
   batch, so batches do not depend on the process count (small datasets); else each reads its own part."""
@@ -159,6 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                     config.data.unlabeled)
   if _opt(config.data.unlabeled) and config.data.ratio:
     unlabeled = open_pseudo_labels(config, workdir)
+  for source in (labeled, unlabeled):
+    if source is not None:
+      _require_examples_everywhere(source)
   eval_source = data_lib.open_source(config.data.eval, data_dir=data_dir,
                                      num_classes=config.model.num_classes)
 

@@ -91,6 +91,14 @@ def test_sigkill_during_student_resumes_from_its_checkpoint(tmp_path):
   saved = sorted(int(p) for p in os.listdir(killed / "01_student" / "checkpoints") if p.isdigit())
   assert saved and saved[-1] < 40
 
+  # Resuming the unfinished student under a different recipe is refused, naming the keys.
+  changed = subprocess.run(_command(killed) + ["--config.iterate.ratio=2"], cwd=REPO, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+  assert changed.returncode == 1
+  last = changed.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: StageConfigMismatchError") and "01_student was run with another config " \
+      "(data.ratio: 3 -> 2; iterate.ratio: 3 -> 2)" in last, last
+
   rerun = subprocess.run(_command(killed), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "Stage 00_teacher already done" in rerun.stderr and "Stage 01_labels already done" in rerun.stderr
@@ -98,12 +106,6 @@ def test_sigkill_during_student_resumes_from_its_checkpoint(tmp_path):
   assert restored and int(restored.group(1)) == saved[-1], rerun.stderr[-3000:]
   assert json.loads((killed / "summary.json").read_text()) == expected
 
-  # Rerunning into the same workdir with a different recipe is refused, naming the key.
-  changed = subprocess.run(_command(killed) + ["--config.iterate.ratio=2"], cwd=REPO, env=_env(),
-                           capture_output=True, text=True, timeout=300)
-  assert changed.returncode == 1
-  last = changed.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: StageConfigMismatchError") and "00_teacher was run with another config (iterate.ratio: 3 -> 2)" in last, last
 
 
 def test_first_teacher_from_an_official_checkpoint(tmp_path):

@@ -197,3 +197,18 @@ def test_missing_teacher_and_wrong_class_count_are_clear_errors(teacher, tmp_pat
   with pytest.raises(checkpoint.CheckpointMismatchError,
                      match=r"exported variables in .*export does not match the model.*classifier/kernel"):
     label.label(c, str(tmp_path / "out2"))
+
+
+def test_rerun_with_other_settings_rewrites_every_shard(teacher, one_process_labels, tmp_path):
+  """Shards of another run (here temperature 1 vs 2) in the folder are not reused: every shard is rewritten
+  with the new teacher distribution softmax(logits / 2), i.e. p ** (1/2) renormalized."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "relabel"
+  shutil.copytree(one_process_labels[0], out)
+  label.label(_config(teacher[0], temperature=2.0), str(out))
+  stats, hot = _records(out)
+  _, cold = _records(one_process_labels[0])
+  assert stats["temperature"] == 2.0 and set(hot) == set(cold)
+  for k in list(cold)[:50]:
+    p = cold[k][2].astype(np.float64) ** 0.5
+    np.testing.assert_allclose(hot[k][2], p / p.sum(), atol=2e-5)

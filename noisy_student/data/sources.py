@@ -219,6 +219,9 @@ MANIFEST = "stats.json"
 def _manifest_files(spec, files):
   """The matched files a finished manifest beside them names (with examples); all files without one."""
   folder = os.path.dirname(spec)
+  if any(c in folder for c in "*?["):
+    raise ValueError(f"{spec!r}: wildcards only in the file name, not the folder (each labeling job's "
+                     "folder has its own stats.json manifest).")
   manifest = os.path.join(folder, MANIFEST)
   if not tf.io.gfile.exists(manifest):
     return files
@@ -244,6 +247,11 @@ def _open_tfrecords(spec, *, labeled, with_key, process_index, process_count, nu
   if not files:
     raise ValueError(f"{spec}: the manifest beside these files names no shard with examples.")
   feats = _inspect_record(files[0])
+  for other in files[1:]:  # every file in the same schema (an old run's shard may not be)
+    found = _inspect_record(other)
+    if set(found) != set(feats):
+      raise ValueError(f"{other}: features {sorted(found)} differ from {files[0]}'s {sorted(feats)} "
+                       "(shards of different labeling runs mixed in one glob?).")
   _check_feature(files[0], feats, "image/encoded", "bytes_list")
   schema = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
   if with_key:
