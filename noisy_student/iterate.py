@@ -24,7 +24,9 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from noisy_student import checkpoint, label as label_lib, pseudo_labels, train
+from flax import traverse_util
+
+from noisy_student import checkpoint, label as label_lib, outputs, train
 
 DONE = "DONE"
 STAGE_CONFIG = "stage_config.json"
@@ -110,21 +112,14 @@ _RERUN_MAY_CHANGE = {"log_every_steps", "eval_every_steps", "keep_checkpoints", 
                      "iterate.num_iterations"}
 
 
-def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
-
-
 def _check_same_config(folder: epath.Path, config: ml_collections.ConfigDict) -> None:
   """Resuming an unfinished stage under another config is an error naming the keys: it would mix two
   experiments in one result. (Finished stages are reused as they are, like any resumed run.)"""
   path = folder / STAGE_CONFIG
   if not path.exists():
     return
-  before = _flat(pseudo_labels.read_json(path))
-  now = _flat(json.loads(config.to_json()))
+  before = traverse_util.flatten_dict(outputs.read_json(path), sep=".")
+  now = traverse_util.flatten_dict(json.loads(config.to_json()), sep=".")
   changed = sorted(k for k in set(before) | set(now)
                    if before.get(k) != now.get(k) and k not in _RERUN_MAY_CHANGE)
   if changed:
@@ -169,13 +164,13 @@ def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     if not done.exists():
       _check_same_config(folder, stage_config)
     if done.exists():
-      result = pseudo_labels.read_json(done)
+      result = outputs.read_json(done)
       logging.info("Stage %s already done: %s", stage.name, result)
     else:
       logging.info("Stage %s: %s (%s)", stage.name, stage.kind, stage_config.model.name)
       folder.mkdir(parents=True, exist_ok=True)
       if jax.process_index() == 0:
-        pseudo_labels.write_json(folder / STAGE_CONFIG, stage_config.to_dict())
+        outputs.write_json(folder / STAGE_CONFIG, stage_config.to_dict())
       result = _run_stage(stage, stage_config, folder)
       if result is None:
         logging.warning("Stopped during %s; rerun the same command to resume.", stage.name)
@@ -183,7 +178,7 @@ def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       result = _plain(result)
       multihost_utils.sync_global_devices(f"iterate: {stage.name} finished")
       if jax.process_index() == 0:
-        pseudo_labels.write_json(done, result)
+        outputs.write_json(done, result)
       multihost_utils.sync_global_devices(f"iterate: {stage.name} DONE")
     rows.append({"name": stage.name, "kind": stage.kind, "iteration": stage.iteration,
                  "model": stage_config.model.name, "result": result})
@@ -193,7 +188,7 @@ def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                         for r in rows if r["kind"] != "labels"],
              "labels": [{"name": r["name"], **r["result"]} for r in rows if r["kind"] == "labels"]}
   if jax.process_index() == 0:
-    pseudo_labels.write_json(workdir / SUMMARY_FILE, summary)
+    outputs.write_json(workdir / SUMMARY_FILE, summary)
     plot_accuracy(summary, workdir / PLOT_FILE)
     print(format_table(summary), flush=True)
   return summary
@@ -214,14 +209,9 @@ def format_table(summary: Dict[str, Any]) -> str:
 
 def plot_accuracy(summary: Dict[str, Any], path) -> None:
   """PNG: eval top-1 per iteration (0 is the teacher)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   its = [s["iteration"] for s in summary["stages"]]
   top1 = [100 * s["eval"]["top1"] for s in summary["stages"]]
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, ax = outputs.new_figure(figsize=(5, 3.5))
   ax.plot(its, top1, marker="o")
   for x, y, s in zip(its, top1, summary["stages"]):
     ax.annotate(s["model"].replace("efficientnet-", ""), (x, y), textcoords="offset points", xytext=(0, 6),
@@ -229,7 +219,4 @@ def plot_accuracy(summary: Dict[str, Any], path) -> None:
   ax.set(xlabel="iteration (0 = teacher)", ylabel="eval top-1 (%)", xticks=its,
          title="Noisy Student: accuracy per iteration")
   ax.grid(alpha=0.3)
-  fig.tight_layout()
-  with tf.io.gfile.GFile(str(path), "wb") as f:
-    fig.savefig(f, format="png", dpi=80)
-  plt.close(fig)
+  outputs.save_figure(fig, path)

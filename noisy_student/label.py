@@ -29,7 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from noisy_student import checkpoint, pseudo_labels, sharding
+from noisy_student import checkpoint, outputs, pseudo_labels, sharding
 from noisy_student import data as data_lib
 from noisy_student.data import pipeline
 from noisy_student.models import model_from_config
@@ -82,7 +82,7 @@ def _complete(folder: epath.Path, index: int, count: int, fingerprint: Dict[str,
   if not ((folder / pseudo_labels.shard_name(index, count)).exists() and sidecar.exists()):
     return False
   try:
-    return pseudo_labels.read_json(sidecar).get("fingerprint") == fingerprint
+    return outputs.read_json(sidecar).get("fingerprint") == fingerprint
   except ValueError:  # a damaged sidecar: redo the shard
     return False
 
@@ -110,7 +110,7 @@ class _ShardWriter:
     stats = pseudo_labels.shard_stats(np.asarray(self.labels, np.int64),
                                       np.asarray(self.confidence, np.float32), self.num_classes, self.num_bins)
     stats["fingerprint"] = self.fingerprint
-    pseudo_labels.write_json(self.sidecar, stats)
+    outputs.write_json(self.sidecar, stats)
     tf.io.gfile.rename(self.tmp, str(self.final), overwrite=True)
 
 
@@ -180,7 +180,7 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     raise failure
   if failed:
     raise RuntimeError(f"Process 0 failed to write {folder / STATS_FILE}; see its log.")
-  stats = pseudo_labels.read_json(folder / STATS_FILE)
+  stats = outputs.read_json(folder / STATS_FILE)
   hist = np.asarray(stats["histogram"])
   centers = (np.arange(hist.shape[1]) + 0.5) / hist.shape[1]
   mean_conf = float((hist.sum(0) * centers).sum() / max(1, hist.sum()))
@@ -229,7 +229,7 @@ def _write_manifest(config, folder: epath.Path, count: int, num_classes: int) ->
   """Process 0: stats.json = the shards' summed statistics + the list of shards; and the plot."""
   parts, shards = [], []
   for index in range(count):
-    part = pseudo_labels.read_json(folder / pseudo_labels.sidecar_name(index, count))
+    part = outputs.read_json(folder / pseudo_labels.sidecar_name(index, count))
     part.pop("fingerprint", None)
     if part["num_classes"] != num_classes:
       raise ValueError(f"{folder / pseudo_labels.sidecar_name(index, count)}: {part['num_classes']} "
@@ -241,7 +241,7 @@ def _write_manifest(config, folder: epath.Path, count: int, num_classes: int) ->
   stats.update(shards=shards, source=config.data.unlabeled_source, teacher=lc.teacher_workdir,
                model=config.model.name, temperature=lc.temperature, hard=bool(lc.hard), top_k=lc.top_k)
   selection = pseudo_labels.select(stats, **selection_kwargs(config))
-  pseudo_labels.write_json(folder / STATS_FILE, stats)  # the manifest marks the labels complete
+  outputs.write_json(folder / STATS_FILE, stats)  # the manifest marks the labels complete
   try:
     pseudo_labels.plot_histograms(stats, folder / PLOT_FILE, selection)
   except Exception as e:  # pylint: disable=broad-except  # a plot is not worth failing the job for

@@ -20,11 +20,12 @@ Counts are therefore exact except for the hashed fractions (N in expectation per
 """
 
 import dataclasses
-import json
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from noisy_student import outputs
 
 DEFAULT_NUM_BINS = 100
 _HASH_BUCKETS = 2**31 - 1
@@ -166,8 +167,7 @@ def select(stats: Mapping[str, Any], *, threshold: float = 0.3, per_class: int =
       classes.append(ClassSelection(first_bin, 1.0, copies, k, k * copies))
     else:  # keep the most confident per_class: whole bins from the top, a fraction of the cutoff bin
       tail = np.cumsum(hist[c, ::-1])[::-1]  # tail[b] = images in bins >= b
-      cutoff = int(np.max(np.nonzero(tail >= per_class)[0]))
-      cutoff = max(cutoff, first_bin)
+      cutoff = int(np.max(np.nonzero(tail >= per_class)[0]))  # >= first_bin, since tail[first_bin] = k > N
       above_cutoff = int(tail[cutoff + 1]) if cutoff + 1 < num_bins else 0
       fraction = (per_class - above_cutoff) / hist[c, cutoff]
       classes.append(ClassSelection(cutoff, float(fraction), 1.0, k, float(per_class)))
@@ -205,27 +205,6 @@ def copies_fn(selection: Mapping[str, Any], seed: int):
   return fn
 
 
-def write_json(path, obj: Any) -> None:
-  """Writes JSON to `path` atomically (temporary name, then rename), local or gs://."""
-  path = str(path)
-  tmp = path + ".tmp"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def read_json(path) -> Any:
-  path = str(path)
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"{path} does not exist.")
-  with tf.io.gfile.GFile(path) as f:
-    text = f.read()
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e}).") from e
-
-
 def selected_counts(selection: Mapping[str, Any]) -> np.ndarray:
   """Expected images per class after selection (for plots and logs)."""
   return np.asarray([c["expected"] for c in selection["classes"]])
@@ -233,13 +212,9 @@ def selected_counts(selection: Mapping[str, Any]) -> np.ndarray:
 
 def plot_histograms(stats: Mapping[str, Any], path, selection: Optional[Mapping[str, Any]] = None) -> None:
   """PNG: the confidence histogram over all images, and per-class counts before (and after) selection."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-
   hist = np.asarray(stats["histogram"], np.int64)
   edges = np.linspace(0, 1, hist.shape[1] + 1)
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+  fig, (ax1, ax2) = outputs.new_figure(ncols=2, figsize=(11, 3.8))
   ax1.bar(edges[:-1], hist.sum(0), width=edges[1] - edges[0], align="edge")
   if selection is not None:
     ax1.axvline(selection["threshold"], color="red", linestyle="--", label="threshold")
@@ -251,7 +226,4 @@ def plot_histograms(stats: Mapping[str, Any], path, selection: Optional[Mapping[
     ax2.bar(classes + 0.2, selected_counts(selection), width=0.4, label="after selection")
   ax2.set(xlabel="predicted class", ylabel="images", title="per-class counts")
   ax2.legend()
-  fig.tight_layout()
-  with tf.io.gfile.GFile(str(path), "wb") as f:
-    fig.savefig(f, format="png", dpi=80)
-  plt.close(fig)
+  outputs.save_figure(fig, path)

@@ -6,7 +6,6 @@ through clu writers (process 0 only), EMA evaluation, SIGTERM -> checkpoint and 
 Every path goes through etils.epath, so WORKDIR may be a gs:// bucket.
 """
 
-import json
 import signal
 import threading
 import time
@@ -18,8 +17,9 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
+from flax import traverse_util
 
-from noisy_student import checkpoint, sharding
+from noisy_student import checkpoint, outputs, sharding
 from noisy_student import train as train_lib
 from noisy_student import data as data_lib
 from noisy_student.models import model_from_config
@@ -70,7 +70,7 @@ def open_pseudo_labels(config: ml_collections.ConfigDict, workdir: epath.Path):
       raise FileNotFoundError(
           f"Selecting pseudo-labels needs the labeling job's {manifest} beside {config.data.unlabeled!r}; "
           "set config.select.enabled=False to train on every record as is.")
-    stats = pseudo_labels.read_json(manifest)
+    stats = outputs.read_json(manifest)
     s = config.select
     selection = pseudo_labels.select(stats, threshold=s.threshold, per_class=s.per_class, balance=s.balance)
     if selection["expected_total"] == 0:
@@ -78,7 +78,7 @@ def open_pseudo_labels(config: ml_collections.ConfigDict, workdir: epath.Path):
                        f"threshold config.select.threshold={s.threshold}; lower it, or train the teacher "
                        "longer.")
     if jax.process_index() == 0:
-      pseudo_labels.write_json(workdir / "selection.json", selection)
+      outputs.write_json(workdir / "selection.json", selection)
       pseudo_labels.plot_histograms(stats, workdir / "selection.png", selection)
     logging.info("Pseudo-label selection: threshold %.2f, %d per class, %.0f of %d records expected.",
                  s.threshold, selection["per_class"], selection["expected_total"], stats["num_examples"])
@@ -145,7 +145,7 @@ class _Preemption:
 
 def _write_json(path: epath.Path, obj: Any) -> None:
   if jax.process_index() == 0:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    outputs.write_json(path, obj)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
@@ -199,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if start_step == 0:
     parameter_overview.log_parameter_overview(state.params, msg="Model parameters",
                                               jax_logging_process=0)
-    writer.write_hparams(_flat(config.to_dict()))
+    writer.write_hparams(traverse_util.flatten_dict(config.to_dict(), sep="."))
 
   train_step = train_lib.make_train_step(model, tx, mesh, label_smoothing=opt.label_smoothing,
                                          ema_decay=opt.ema_decay, schedule=schedule,
@@ -276,16 +276,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 def _mean(metrics_list) -> Dict[str, float]:
   host = jax.device_get(metrics_list)
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-
-
-def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Optional[Dict[str, float]]:

@@ -5,7 +5,6 @@ Subprocesses run on one simulated CPU device (the sharded paths are tested in te
 digits data prepared once in a temporary data_dir.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -15,10 +14,8 @@ import sys
 
 import pytest
 
-from data_fixtures import digits_data_dir
+from data_fixtures import REPO, digits_data_dir, free_port, load_config, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(REPO, "configs")
 
 # configs/digits.py supervised on all 1,300 training labels (SUPERVISED below: 300 steps, no RandAugment).
 # Measured on this machine, seeds 0, 1, 2: test top-1 0.974, 0.970, 0.972 (see README). The bound is
@@ -29,20 +26,13 @@ SUPERVISED = ("--config.mode=train", "--config.data.labeled=tfds:digits:train",
               "--config.data.randaugment_layers=0")
 
 
-def _env(devices=1):
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  return env
-
-
 def _command(workdir, *overrides):
   return [sys.executable, "-m", "noisy_student", "--config=configs/digits.py", f"--workdir={workdir}",
           f"--config.data.data_dir={digits_data_dir()}", *overrides]
 
 
 def _run(workdir, *overrides, timeout=300):
-  return subprocess.run(_command(workdir, *overrides), cwd=REPO, env=_env(), capture_output=True, text=True,
+  return subprocess.run(_command(workdir, *overrides), cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                         timeout=timeout)
 
 
@@ -53,7 +43,7 @@ def _steps(workdir):
 def test_train_sigterm_resume_and_accuracy(tmp_path):
   """SIGTERM mid-run saves and exits 0; the same command resumes there and reaches the measured accuracy."""
   workdir = str(tmp_path / "digits")
-  proc = subprocess.Popen(_command(workdir, *SUPERVISED, "--config.log_every_steps=10"), cwd=REPO, env=_env(),
+  proc = subprocess.Popen(_command(workdir, *SUPERVISED, "--config.log_every_steps=10"), cwd=REPO, env=subprocess_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines = []
   for line in proc.stdout:  # the first train scalars mean the loop (and its SIGTERM handler) is running
@@ -115,15 +105,6 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
   assert "Traceback" not in result.stderr
 
 
-def _load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(CONFIGS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  config.lock()
-  return config
-
-
 def _keys(d, prefix=""):
   out = set()
   for k, v in d.items():
@@ -136,8 +117,8 @@ def _keys(d, prefix=""):
                                       ("cifar10", "student"), ("svhn", None), ("svhn", "student")])
 def test_configs_build_lock_and_share_the_digits_layout(name, arg):
   from noisy_student.models import MODEL_SPECS  # pylint: disable=g-import-not-at-top
-  config = _load_config(name, arg)
-  assert _keys(config.to_dict()) == _keys(_load_config("digits").to_dict())
+  config = load_config(name, arg)
+  assert _keys(config.to_dict()) == _keys(load_config("digits").to_dict())
   assert config.model.name in MODEL_SPECS
   with pytest.raises(AttributeError, match="lerning_rate"):
     config.optimizer.lerning_rate = 1.0
@@ -150,22 +131,15 @@ def test_configs_build_lock_and_share_the_digits_layout(name, arg):
 
 
 def test_imagenet_variants_follow_the_paper():
-  b7 = _load_config("imagenet", "model=b7,stage=student")
+  b7 = load_config("imagenet", "model=b7,stage=student")
   assert (b7.model.image_size, b7.model.dropout_rate, b7.data.ratio) == (600, 0.5, 3)
   assert b7.data.labeled_batch == 2048 and b7.data.randaugment_layers == 2 and b7.num_epochs == 350
-  b0 = _load_config("imagenet", "model=b0,stage=student")
+  b0 = load_config("imagenet", "model=b0,stage=student")
   assert (b0.data.ratio, b0.num_epochs, b0.model.image_size) == (1, 700, 224)
-  teacher = _load_config("imagenet")
+  teacher = load_config("imagenet")
   assert teacher.data.ratio == 0 and teacher.data.randaugment_layers == 0
   with pytest.raises(ValueError, match="b9"):
-    _load_config("imagenet", "model=b9")
-
-
-def _free_port():
-  import socket  # pylint: disable=g-import-not-at-top
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+    load_config("imagenet", "model=b9")
 
 
 def _losses(log):
@@ -180,13 +154,13 @@ def test_two_processes_train_digits_like_one(tmp_path):
   batches, and training agrees step by step: same losses, same final eval."""
   steps = ("--config.num_train_steps=100", "--config.log_every_steps=20")
   one_dir = str(tmp_path / "one")
-  one = subprocess.run(_command(one_dir, *SUPERVISED, *steps), cwd=REPO, env=_env(2), capture_output=True,
+  one = subprocess.run(_command(one_dir, *SUPERVISED, *steps), cwd=REPO, env=subprocess_env(2), capture_output=True,
                        text=True, timeout=400)
   assert one.returncode == 0, one.stderr[-3000:]
-  workdir, port = str(tmp_path / "two"), _free_port()
+  workdir, port = str(tmp_path / "two"), free_port()
   procs = [subprocess.Popen(_command(workdir, *SUPERVISED, *steps, f"--coordinator_address=127.0.0.1:{port}",
                                      "--num_processes=2", f"--process_id={i}"),
-                            cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
   outs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outs):
@@ -231,7 +205,7 @@ def test_student_trains_on_labeled_plus_pseudo_labeled(tmp_path):
 
 def test_ratio_without_pseudo_labels_is_a_clear_error(tmp_path):
   from noisy_student import trainer_loop  # pylint: disable=g-import-not-at-top
-  config = _load_config("digits")
+  config = load_config("digits")
   config.data.data_dir = digits_data_dir()
   config.data.ratio = 3
   with pytest.raises(ValueError, match=r"ratio=3 needs pseudo-labeled TFRecords in config.data.unlabeled"):

@@ -5,18 +5,15 @@ one runs jax.distributed on 127.0.0.1 (gloo) and builds global eval and train ba
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from data_fixtures import digits_data_dir
+from data_fixtures import REPO, digits_data_dir, free_port, subprocess_env
 from noisy_student.data import sources
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 READ_PART = textwrap.dedent("""
     import json, sys
@@ -53,16 +50,9 @@ DISTRIBUTED = textwrap.dedent("""
 """)
 
 
-def _env():
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  return env
-
-
 def _run_all(scripts_args):
   procs = [subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(2), cwd=REPO)
            for script, args in scripts_args]
   outs = []
   for p in procs:
@@ -84,16 +74,10 @@ def test_two_processes_read_disjoint_parts_covering_the_split():
   assert a | b == set(whole_keys) and len(whole_keys) == 1300
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_jax_distributed_eval_and_train_batches():
   data_dir = digits_data_dir()
-  port = str(_free_port())
+  port = str(free_port())
   outs = _run_all([(DISTRIBUTED, [data_dir, str(i), port]) for i in range(2)])
   for o in outs:
     assert o["processes"] == 2 and o["devices"] == 4

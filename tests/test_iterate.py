@@ -10,22 +10,13 @@ import sys
 
 import pytest
 
-from data_fixtures import digits_data_dir
+from data_fixtures import REPO, digits_data_dir, load_config, subprocess_env
 from noisy_student import iterate
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _digits_config():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("digits_config", os.path.join(REPO, "configs", "digits.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def test_plan_derives_every_stage_from_the_config():
-  c = _digits_config()
+  c = load_config("digits")
   stages = iterate.plan(c)
   assert [s.name for s in stages] == ["00_teacher", "01_labels", "01_student", "02_labels", "02_student"]
   teacher, student = stages[0].config, stages[2].config
@@ -49,13 +40,6 @@ def test_plan_derives_every_stage_from_the_config():
     iterate.plan(c)
 
 
-def _env():
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  return env
-
-
 def _command(workdir):
   return [sys.executable, "-m", "noisy_student", "--config=configs/digits.py", f"--workdir={workdir}",
           f"--config.data.data_dir={digits_data_dir()}", "--config.num_train_steps=30",
@@ -68,7 +52,8 @@ def _command(workdir):
 @pytest.mark.slow
 def test_sigkill_during_student_resumes_from_its_checkpoint(tmp_path):
   whole = tmp_path / "whole"
-  done = subprocess.run(_command(whole), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  done = subprocess.run(_command(whole), cwd=REPO, env=subprocess_env(1), capture_output=True, text=True,
+                        timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   expected = json.loads((whole / "summary.json").read_text())
   assert [s["name"] for s in expected["stages"]] == ["00_teacher", "01_student"]
@@ -76,7 +61,7 @@ def test_sigkill_during_student_resumes_from_its_checkpoint(tmp_path):
   assert (whole / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(_command(killed), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(_command(killed), cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   in_student, checkpoints = False, killed / "01_student" / "checkpoints"
   for line in proc.stdout:  # kill as soon as the student has a finished checkpoint (orbax saves async)
@@ -92,14 +77,15 @@ def test_sigkill_during_student_resumes_from_its_checkpoint(tmp_path):
   assert saved and saved[-1] < 40
 
   # Resuming the unfinished student under a different recipe is refused, naming the keys.
-  changed = subprocess.run(_command(killed) + ["--config.iterate.ratio=2"], cwd=REPO, env=_env(),
+  changed = subprocess.run(_command(killed) + ["--config.iterate.ratio=2"], cwd=REPO, env=subprocess_env(1),
                            capture_output=True, text=True, timeout=300)
   assert changed.returncode == 1
   last = changed.stderr.strip().splitlines()[-1]
   assert last.startswith("error: StageConfigMismatchError") and "01_student was run with another config " \
       "(data.ratio: 3 -> 2; iterate.ratio: 3 -> 2)" in last, last
 
-  rerun = subprocess.run(_command(killed), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  rerun = subprocess.run(_command(killed), cwd=REPO, env=subprocess_env(1), capture_output=True, text=True,
+                         timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "Stage 00_teacher already done" in rerun.stderr and "Stage 01_labels already done" in rerun.stderr
   restored = re.search(r"Restored the train state from step (\d+)", rerun.stderr)
@@ -120,7 +106,7 @@ def test_first_teacher_from_an_official_checkpoint(tmp_path):
   reference, ema, raw = tiny_reference(num_classes=10)
   tensors = dict(raw, **{f"{name}/ExponentialMovingAverage": value for name, value in ema.items()})
   prefix = write_checkpoint(str(tmp_path), tensors)
-  c = _digits_config()
+  c = load_config("digits")
   c.data.data_dir = digits_data_dir()
   c.iterate.teacher_checkpoint = prefix
   teacher = iterate.plan(c)[0]

@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_fixtures import digits_data_dir
-from noisy_student import checkpoint, label, pseudo_labels
+from data_fixtures import REPO, digits_data_dir, free_port, subprocess_env
+from noisy_student import checkpoint, label, outputs, pseudo_labels
 from noisy_student.config_defaults import base_config
 from noisy_student.models import model_from_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNLABELED = "tfds:digits:train[:600]"
 
 
@@ -57,7 +56,7 @@ def one_process_labels(teacher, tmp_path_factory):
 
 def _records(folder):
   """{key: (label, confidence, probabilities, encoded)} of every finished shard named in stats.json."""
-  stats = pseudo_labels.read_json(os.path.join(folder, "stats.json"))
+  stats = outputs.read_json(os.path.join(folder, "stats.json"))
   out = {}
   for shard in stats["shards"]:
     for raw in tf.data.TFRecordDataset(os.path.join(folder, shard["file"])):
@@ -102,34 +101,21 @@ def test_labels_every_image_once_with_the_eval_mode_teacher(teacher, one_process
   assert (out / "stats.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def _env(devices):
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  return env
-
-
 def _cli(workdir, teacher_dir, *extra):
   return [sys.executable, "-m", "noisy_student", "--config=configs/digits.py", f"--workdir={workdir}",
           "--config.mode=label", f"--config.label.teacher_workdir={teacher_dir}",
           f"--config.data.unlabeled_source={UNLABELED}", f"--config.data.data_dir={digits_data_dir()}", *extra]
 
 
-def _free_port():
-  import socket  # pylint: disable=g-import-not-at-top
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_write_disjoint_shards_equal_to_one(teacher, one_process_labels, tmp_path):
   """2 processes x 2 devices (gloo): each writes its own shards; their union is the one-process output."""
-  out, port = tmp_path / "two", _free_port()
+  out, port = tmp_path / "two", free_port()
   procs = [subprocess.Popen(_cli(out, teacher[0], f"--coordinator_address=127.0.0.1:{port}",
                                  "--num_processes=2", f"--process_id={i}", "--config.label.batch=64",
                                  "--config.label.shards_per_process=3"),
-                            cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, env=subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
            for i in range(2)]
   logs = [p.communicate(timeout=400)[0] for p in procs]
   for p, log in zip(procs, logs):
@@ -158,12 +144,12 @@ def test_sigkill_then_rerun_gives_byte_identical_shards(teacher, tmp_path):
   extra = ("--config.label.batch=8", "--config.label.shards_per_process=20",
            "--config.data.unlabeled_source=tfds:digits:train")
   whole = tmp_path / "whole"
-  done = subprocess.run(_cli(whole, teacher[0], *extra), cwd=REPO, env=_env(1), capture_output=True,
+  done = subprocess.run(_cli(whole, teacher[0], *extra), cwd=REPO, env=subprocess_env(1), capture_output=True,
                         text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(_cli(killed, teacher[0], *extra), cwd=REPO, env=_env(1),
+  proc = subprocess.Popen(_cli(killed, teacher[0], *extra), cwd=REPO, env=subprocess_env(1),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   first = killed / pseudo_labels.shard_name(0, 20)
   deadline = time.monotonic() + 240
@@ -178,7 +164,7 @@ def test_sigkill_then_rerun_gives_byte_identical_shards(teacher, tmp_path):
   for name in finals:  # every file under a final name is complete: identical to the finished run's
     assert (killed / name).read_bytes() == (whole / name).read_bytes()
 
-  rerun = subprocess.run(_cli(killed, teacher[0], *extra), cwd=REPO, env=_env(1), capture_output=True,
+  rerun = subprocess.run(_cli(killed, teacher[0], *extra), cwd=REPO, env=subprocess_env(1), capture_output=True,
                          text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "resuming at shard" in rerun.stderr

@@ -1,6 +1,5 @@
 """Training library: sharded step parity, kill-and-resume, recipe numbers, losses, eval counts, checkpoints."""
 
-import functools
 import math
 
 import jax

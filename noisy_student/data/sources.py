@@ -15,7 +15,6 @@ Nothing here downloads: an unprepared dataset is an error saying how to prepare 
 """
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Optional
 
@@ -225,11 +224,11 @@ def _manifest_files(spec, files):
   manifest = os.path.join(folder, MANIFEST)
   if not tf.io.gfile.exists(manifest):
     return files
-  with tf.io.gfile.GFile(manifest) as f:
-    try:
-      shards = json.load(f)["shards"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise ValueError(f"{manifest}: not a pseudo-label manifest ({e!r}).") from e
+  from noisy_student import outputs  # pylint: disable=g-import-not-at-top
+  shards = outputs.read_json(manifest).get("shards")
+  if not isinstance(shards, list):
+    raise ValueError(f"{manifest}: not a pseudo-label manifest (no 'shards' list); was it written by the "
+                     "labeling job?")
   named = {os.path.join(folder, s["file"]): s["examples"] for s in shards}
   missing = sorted(set(named) - set(tf.io.gfile.glob(os.path.join(folder, "*"))))
   if missing:
