@@ -172,3 +172,51 @@ def test_randaugment_in_tf_data(images):
 def test_randaugment_rejects_float():
   with pytest.raises(TypeError, match="uint8"):
     ra.randaugment(tf.zeros([8, 8, 3]), 1, 5, SEED)
+
+
+def _batch_draws(seeds, num_layers):
+  per_image = [ra.sample_layers(tf.constant(s, tf.int64), num_layers) for s in seeds]
+  return {k: tf.stack([d[k] for d in per_image]) for k in per_image[0]}
+
+
+@pytest.mark.parametrize("magnitude", [5, 15])
+def test_batch_equals_per_image(magnitude):
+  """randaugment_batch on a batch == randaugment on each image with that image's seed, bit for bit."""
+  images = color_digits(24, 48)
+  seeds = [[7, i] for i in range(len(images))]
+  draws = _batch_draws(seeds, 2)
+  assert len(set(np.asarray(draws["op"]).ravel())) >= 14  # nearly every op is exercised
+  batch = ra.randaugment_batch(tf.constant(images), draws, magnitude, translate_const=10.0, cutout_const=4.0)
+  for i, (image, seed) in enumerate(zip(images, seeds)):
+    single = ra.randaugment(tf.constant(image), 2, magnitude, tf.constant(seed, tf.int64),
+                            translate_const=10.0, cutout_const=4.0)
+    np.testing.assert_array_equal(batch[i], single, err_msg=f"image {i}")
+
+
+def test_batch_every_op_and_sign():
+  """Every op with both signs and per-image Cutout centres, in one batch, against one image at a time."""
+  images = color_digits(20, 32)
+  n = len(images)
+  draws = {"op": tf.constant([[i % 16, (5 * i + 3) % 16] for i in range(n)], tf.int32),
+           "negate": tf.constant([[i % 2 == 0, i % 3 == 0] for i in range(n)]),
+           "center": tf.constant([[[3 * i, 7 * i], [i, 2 * i + 5]] for i in range(n)], tf.int32)}
+  batch = np.asarray(ra.randaugment_batch(tf.constant(images), draws, 9, translate_const=6.0, cutout_const=5.0))
+  for i in range(n):
+    image = tf.constant(images[i])
+    for layer in range(2):
+      image = ra._apply(image[None], ra.OPS[int(draws["op"][i, layer])], 9, draws["negate"][i, layer][None],
+                        draws["center"][i, layer][None], 6.0, 5.0)[0]
+    np.testing.assert_array_equal(batch[i], image, err_msg=f"image {i}")
+  assert not np.array_equal(batch, images)
+
+
+def test_batch_of_uneven_choices():
+  """Ops no image drew are skipped cleanly; one op for the whole batch works too."""
+  images = tf.constant(color_digits(16, 4))
+  draws = {"op": tf.fill([4, 1], 3), "negate": tf.constant([[True], [False], [True], [False]]),
+           "center": tf.zeros([4, 1, 2], tf.int32)}
+  out = np.asarray(ra.randaugment_batch(images, draws, 10))
+  np.testing.assert_array_equal(out[0], ra.rotate(images[0], -30.0))
+  np.testing.assert_array_equal(out[1], ra.rotate(images[1], 30.0))
+  with pytest.raises(TypeError, match="uint8"):
+    ra.randaugment_batch(tf.zeros([2, 8, 8, 3]), draws, 5)

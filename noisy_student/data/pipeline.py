@@ -100,13 +100,20 @@ def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, 
     s = tf.random.experimental.stateless_split(
         example_seed(seed, stream_id, source.process_index, position), 2)
     image = preprocess.train_image(ex["image"], image_size, s[0], crop=crop, flip=flip, pad=pad)
-    if noise.randaugment_layers:
-      image = ra.randaugment(image, noise.randaugment_layers, noise.randaugment_magnitude, s[1],
-                             translate_const=ra.TRANSLATE_CONST * scale,
-                             cutout_const=ra.CUTOUT_CONST * scale)
-    image = tf.ensure_shape(preprocess.normalize(image), [image_size, image_size, 3])
-    return {"image": image, "targets": _targets(ex, num_classes),
-            "is_labeled": tf.constant(is_labeled)}
+    out = {"image": tf.ensure_shape(image, [image_size, image_size, 3]),
+           "targets": _targets(ex, num_classes), "is_labeled": tf.constant(is_labeled)}
+    if noise.randaugment_layers:  # drawn per example (resumable), applied per batch (fast)
+      out["randaugment"] = ra.sample_layers(s[1], noise.randaugment_layers)
+    return out
+
+  def finish(batch_):
+    images = batch_.pop("image")
+    draws = batch_.pop("randaugment", None)
+    if draws is not None:
+      images = ra.randaugment_batch(images, draws, noise.randaugment_magnitude,
+                                    translate_const=ra.TRANSLATE_CONST * scale,
+                                    cutout_const=ra.CUTOUT_CONST * scale)
+    return dict(batch_, image=preprocess.normalize(images))
 
   global_batch = batch * of
   ds = stream(source, start=start_step * global_batch, seed=seed, stream_id=stream_id, cache=cache,
@@ -114,7 +121,8 @@ def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, 
   if of > 1:  # keep this process's rows of each global batch, before decoding anything
     ds = ds.filter(lambda position, ex: (position % global_batch) // batch == row)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.batch(batch, drop_remainder=True)
+  ds = ds.batch(batch, drop_remainder=True)
+  return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def train_dataset(labeled: Source, *, batch_size: int, image_size: int, seed: int, start_step: int = 0,

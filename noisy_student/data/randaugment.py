@@ -5,10 +5,16 @@ scale, L = M / 10, no clamping: M = 15 is allowed and gives e.g. a 45 degree rot
 [h, w, 3]; geometric ops and Cutout fill with 128. All randomness is stateless from an explicit seed ([2]
 int tensor), so a given seed always gives the same augmentation - the pipeline stays resumable.
 
+Every op takes one image [h, w, 3] or a batch [b, h, w, 3] (per-image arguments then [b]). `randaugment`
+augments one image; `sample_layers` + `randaugment_batch` give the same result for a whole batch at once
+(each op runs once on the images that drew it), which is what the input pipeline uses: for small images
+the per-image op dispatch, not the pixels, is what costs.
+
 One deliberate difference from the official TF code: Contrast blends towards the grayscale image's mean
 intensity (PIL's definition); the official code uses pixel_count / 256 there, which is a known bug.
 """
 
+import functools
 import math
 
 import tensorflow as tf
@@ -21,58 +27,78 @@ OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", 
        "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout", "SolarizeAdd")
 
 
+def _image_or_batch(op):
+  """Lets an op written for [b, h, w, 3] batches also take one [h, w, 3] image."""
+  @functools.wraps(op)
+  def wrapped(image, *args, **kwargs):
+    image = tf.convert_to_tensor(image)
+    if image.shape.rank == 3:
+      return op(image[None], *args, **kwargs)[0]
+    return op(image, *args, **kwargs)
+  return wrapped
+
+
+def _per_image(value, images, dtype=tf.float32):
+  """A scalar or [b] argument as [b] (one value per image of the batch)."""
+  return tf.broadcast_to(tf.cast(value, dtype), tf.shape(images)[:1])
+
+
 def blend(image1, image2, factor):
   """image1 + factor * (image2 - image1), extrapolating when factor > 1, clipped to uint8 (as PIL)."""
   a, b = tf.cast(image1, tf.float32), tf.cast(image2, tf.float32)
   return tf.cast(tf.clip_by_value(a + factor * (b - a), 0.0, 255.0), tf.uint8)
 
 
-def _transform(image, transform, fill=FILL):
-  """Projective transform (output pixel -> input pixel, 8 params), nearest neighbour, constant fill."""
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=tf.cast(tf.reshape(transform, [1, 8]), tf.float32),
-      output_shape=tf.shape(image)[:2], fill_value=tf.cast(fill, tf.float32),
-      interpolation="NEAREST", fill_mode="CONSTANT")
-  return out[0]
+def _transform(images, rows, fill=FILL):
+  """Projective transform per image (output pixel -> input pixel; `rows`: 6 affine entries, each scalar or
+  [b]), nearest neighbour, constant fill."""
+  entries = [_per_image(r, images) for r in rows] + [tf.zeros(tf.shape(images)[:1])] * 2
+  return tf.raw_ops.ImageProjectiveTransformV3(
+      images=images, transforms=tf.stack(entries, axis=1), output_shape=tf.shape(images)[1:3],
+      fill_value=tf.cast(fill, tf.float32), interpolation="NEAREST", fill_mode="CONSTANT")
 
 
-def autocontrast(image):
+@_image_or_batch
+def autocontrast(images):
   """Per channel, stretch [min, max] to [0, 255]; constant channels stay."""
-  def channel(c):
-    c = tf.cast(c, tf.float32)
-    lo, hi = tf.reduce_min(c), tf.reduce_max(c)
-    stretched = tf.clip_by_value((c - lo) * 255.0 / tf.maximum(hi - lo, 1.0), 0.0, 255.0)
-    return tf.cast(tf.where(hi > lo, stretched, c), tf.uint8)
-  return tf.stack([channel(image[..., i]) for i in range(3)], -1)
+  c = tf.cast(images, tf.float32)
+  lo = tf.reduce_min(c, axis=[1, 2], keepdims=True)
+  hi = tf.reduce_max(c, axis=[1, 2], keepdims=True)
+  stretched = tf.clip_by_value((c - lo) * 255.0 / tf.maximum(hi - lo, 1.0), 0.0, 255.0)
+  return tf.cast(tf.where(hi > lo, stretched, c), tf.uint8)
 
 
-def equalize(image):
+@_image_or_batch
+def equalize(images):
   """Per-channel histogram equalization (PIL's ImageOps.equalize)."""
-  def channel(c):
-    c = tf.cast(c, tf.int32)
-    hist = tf.histogram_fixed_width(c, [0, 255], nbins=256)
-    nonzero = tf.boolean_mask(hist, hist > 0)
-    step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
-    safe = tf.maximum(step, 1)
-    lut = (tf.cumsum(hist) + safe // 2) // safe
-    lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], 0), 0, 255)
-    return tf.cast(tf.where(step > 0, tf.gather(lut, c), c), tf.uint8)
-  return tf.stack([channel(image[..., i]) for i in range(3)], -1)
+  channels = tf.transpose(tf.cast(images, tf.int32), [0, 3, 1, 2])  # [b, 3, h, w]
+  rows = tf.shape(channels)[0] * 3
+  values = tf.reshape(channels, [rows, -1])
+  hist = tf.reshape(tf.math.bincount(tf.reshape(values + tf.range(rows)[:, None] * 256, [-1]),
+                                     minlength=rows * 256, maxlength=rows * 256), [rows, 256])
+  # PIL: step = (pixels - count of the largest value present) // 255.
+  top = tf.gather(hist, tf.reduce_max(values, axis=1), batch_dims=1)
+  step = (tf.reduce_sum(hist, axis=1) - top) // 255
+  safe = tf.maximum(step, 1)[:, None]
+  lut = (tf.cumsum(hist, axis=1) + safe // 2) // safe
+  lut = tf.clip_by_value(tf.concat([tf.zeros([rows, 1], tf.int32), lut[:, :-1]], 1), 0, 255)
+  out = tf.where(step[:, None] > 0, tf.gather(lut, values, batch_dims=1), values)
+  return tf.transpose(tf.reshape(tf.cast(out, tf.uint8), tf.shape(channels)), [0, 2, 3, 1])
 
 
 def invert(image):
   return 255 - image
 
 
-def rotate(image, degrees, fill=FILL):
+@_image_or_batch
+def rotate(images, degrees, fill=FILL):
   """Rotation about the image centre by `degrees` (counter-clockwise for positive)."""
-  theta = tf.cast(degrees, tf.float32) * (math.pi / 180.0)
-  shape = tf.cast(tf.shape(image), tf.float32)
-  cy, cx = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+  theta = _per_image(degrees, images) * (math.pi / 180.0)
+  shape = tf.cast(tf.shape(images), tf.float32)
+  cy, cx = (shape[1] - 1) / 2, (shape[2] - 1) / 2
   cos, sin = tf.cos(theta), tf.sin(theta)
   # Output pixel (x, y) samples the input at the inverse rotation about (cx, cy); y points down.
-  return _transform(image, [cos, -sin, cx - cos * cx + sin * cy,
-                            sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0], fill)
+  return _transform(images, [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy], fill)
 
 
 def posterize(image, bits):
@@ -99,10 +125,13 @@ def color(image, factor):
   return blend(gray, image, factor)
 
 
-def contrast(image, factor):
+@_image_or_batch
+def contrast(images, factor):
   """0 gives the mean gray level, 1 identity."""
-  mean = tf.reduce_mean(tf.cast(tf.image.rgb_to_grayscale(image), tf.float32))
-  return blend(tf.fill(tf.shape(image), tf.cast(mean, tf.uint8)), image, factor)
+  # Sums of integers below 2**24 are exact in float32, so the mean does not depend on the batch.
+  mean = tf.reduce_mean(tf.cast(tf.image.rgb_to_grayscale(images), tf.float32), axis=[1, 2, 3],
+                        keepdims=True)
+  return blend(tf.broadcast_to(tf.cast(mean, tf.uint8), tf.shape(images)), images, factor)
 
 
 def brightness(image, factor):
@@ -110,89 +139,113 @@ def brightness(image, factor):
   return blend(tf.zeros_like(image), image, factor)
 
 
-def sharpness(image, factor):
+@_image_or_batch
+def sharpness(images, factor):
   """Blend with PIL's SMOOTH-filtered image (borders unfiltered); 1 is the identity."""
   kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  smooth = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[None], kernel, [1, 1, 1, 1], "VALID")[0]
+  smooth = tf.nn.depthwise_conv2d(tf.cast(images, tf.float32), kernel, [1, 1, 1, 1], "VALID")
   smooth = tf.cast(tf.round(tf.clip_by_value(smooth, 0.0, 255.0)), tf.uint8)
-  inner = tf.pad(tf.ones_like(smooth, tf.bool), [[1, 1], [1, 1], [0, 0]])
-  degenerate = tf.where(inner, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), image)
-  return blend(degenerate, image, factor)
+  border = [[0, 0], [1, 1], [1, 1], [0, 0]]
+  inner = tf.pad(tf.ones_like(smooth, tf.bool), border)
+  degenerate = tf.where(inner, tf.pad(smooth, border), images)
+  return blend(degenerate, images, factor)
 
 
-def shear_x(image, level, fill=FILL):
-  return _transform(image, [1.0, level, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], fill)
+@_image_or_batch
+def shear_x(images, level, fill=FILL):
+  return _transform(images, [1.0, level, 0.0, 0.0, 1.0, 0.0], fill)
 
 
-def shear_y(image, level, fill=FILL):
-  return _transform(image, [1.0, 0.0, 0.0, level, 1.0, 0.0, 0.0, 0.0], fill)
+@_image_or_batch
+def shear_y(images, level, fill=FILL):
+  return _transform(images, [1.0, 0.0, 0.0, level, 1.0, 0.0], fill)
 
 
-def translate_x(image, pixels, fill=FILL):
+@_image_or_batch
+def translate_x(images, pixels, fill=FILL):
   """Content moves right by `pixels`."""
-  return _transform(image, [1.0, 0.0, -tf.cast(pixels, tf.float32), 0.0, 1.0, 0.0, 0.0, 0.0], fill)
+  return _transform(images, [1.0, 0.0, -_per_image(pixels, images), 0.0, 1.0, 0.0], fill)
 
 
-def translate_y(image, pixels, fill=FILL):
+@_image_or_batch
+def translate_y(images, pixels, fill=FILL):
   """Content moves down by `pixels`."""
-  return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, -tf.cast(pixels, tf.float32), 0.0, 0.0], fill)
+  return _transform(images, [1.0, 0.0, 0.0, 0.0, 1.0, -_per_image(pixels, images)], fill)
+
+
+@_image_or_batch
+def _cutout_at(images, pad_size, center, fill=FILL):
+  shape = tf.shape(images)
+  center = tf.reshape(center, [-1, 2])
+  cy = (center[:, 0] % shape[1])[:, None, None, None]
+  cx = (center[:, 1] % shape[2])[:, None, None, None]
+  rows = tf.range(shape[1])[None, :, None, None]
+  cols = tf.range(shape[2])[None, None, :, None]
+  inside = (rows >= cy - pad_size) & (rows < cy + pad_size) & (cols >= cx - pad_size) & (cols < cx + pad_size)
+  return tf.where(inside, tf.cast(fill, images.dtype), images)
 
 
 def cutout(image, pad_size, seed, fill=FILL):
   """A (2 pad_size)-square at a uniformly random centre (clipped at borders) set to `fill`."""
-  shape = tf.shape(image)
-  center = tf.random.stateless_uniform([2], seed, minval=0, maxval=tf.int32.max, dtype=tf.int32)
-  cy, cx = center[0] % shape[0], center[1] % shape[1]
-  rows = tf.range(shape[0])[:, None, None]
-  cols = tf.range(shape[1])[None, :, None]
-  inside = (rows >= cy - pad_size) & (rows < cy + pad_size) & (cols >= cx - pad_size) & (cols < cx + pad_size)
-  return tf.where(inside, tf.cast(fill, image.dtype), image)
+  return _cutout_at(image, pad_size, sample_layers(seed, 1)["center"], fill)
 
 
-def _signed(value, seed):
-  """value with a random sign (official `_randomly_negate_tensor`)."""
-  negate = tf.random.stateless_uniform([], seed) < 0.5
-  return tf.where(negate, -value, value)
+def _apply(images, name, magnitude, negate, center, translate_const, cutout_const):
+  """Op `name` at magnitude M on a batch; negate [b] signs the signed ops, center [b, 2] places Cutout."""
+  level = magnitude / 10.0
+  factor = level * 1.8 + 0.1
+  signed = lambda value: tf.where(negate, -value, value)
+  if name == "AutoContrast":
+    return autocontrast(images)
+  if name == "Equalize":
+    return equalize(images)
+  if name == "Invert":
+    return invert(images)
+  if name == "Rotate":
+    return rotate(images, signed(level * 30.0))
+  if name == "Posterize":
+    return posterize(images, int(level * 4))
+  if name == "Solarize":
+    return solarize(images, int(level * 256))
+  if name == "Color":
+    return color(images, factor)
+  if name == "Contrast":
+    return contrast(images, factor)
+  if name == "Brightness":
+    return brightness(images, factor)
+  if name == "Sharpness":
+    return sharpness(images, factor)
+  if name == "ShearX":
+    return shear_x(images, signed(level * 0.3))
+  if name == "ShearY":
+    return shear_y(images, signed(level * 0.3))
+  if name == "TranslateX":
+    return translate_x(images, signed(level * translate_const))
+  if name == "TranslateY":
+    return translate_y(images, signed(level * translate_const))
+  if name == "Cutout":
+    return _cutout_at(images, int(level * cutout_const), center)
+  if name == "SolarizeAdd":
+    return solarize_add(images, int(level * 110))
+  raise ValueError(f"Unknown RandAugment op {name!r}; expected one of {OPS}.")
 
 
 def apply_op(image, name, magnitude, seed, translate_const=TRANSLATE_CONST, cutout_const=CUTOUT_CONST):
-  """Applies op `name` at magnitude M (official level -> argument mapping)."""
-  level = magnitude / 10.0
-  factor = level * 1.8 + 0.1
-  if name == "AutoContrast":
-    return autocontrast(image)
-  if name == "Equalize":
-    return equalize(image)
-  if name == "Invert":
-    return invert(image)
-  if name == "Rotate":
-    return rotate(image, _signed(level * 30.0, seed))
-  if name == "Posterize":
-    return posterize(image, int(level * 4))
-  if name == "Solarize":
-    return solarize(image, int(level * 256))
-  if name == "Color":
-    return color(image, factor)
-  if name == "Contrast":
-    return contrast(image, factor)
-  if name == "Brightness":
-    return brightness(image, factor)
-  if name == "Sharpness":
-    return sharpness(image, factor)
-  if name == "ShearX":
-    return shear_x(image, _signed(level * 0.3, seed))
-  if name == "ShearY":
-    return shear_y(image, _signed(level * 0.3, seed))
-  if name == "TranslateX":
-    return translate_x(image, _signed(level * translate_const, seed))
-  if name == "TranslateY":
-    return translate_y(image, _signed(level * translate_const, seed))
-  if name == "Cutout":
-    return cutout(image, int(level * cutout_const), seed)
-  if name == "SolarizeAdd":
-    return solarize_add(image, int(level * 110))
-  raise ValueError(f"Unknown RandAugment op {name!r}; expected one of {OPS}.")
+  """Applies op `name` at magnitude M to one image (official level -> argument mapping); `seed` draws
+  the sign of signed ops and Cutout's centre."""
+  image = tf.convert_to_tensor(image)
+  draws = sample_layers(seed, 1)
+  return _apply(image[None], name, magnitude, draws["negate"], draws["center"], translate_const,
+                cutout_const)[0]
+
+
+def sample_layers(seed, num_layers: int):
+  """One image's draws for `num_layers` layers, from one stateless call: {'op': [N] int32 index into OPS
+  (uniform), 'negate': [N] bool (the sign of signed ops), 'center': [N, 2] int32 (Cutout's centre, taken
+  modulo the image size)}."""
+  bits = tf.random.stateless_uniform([num_layers, 4], seed, minval=0, maxval=tf.int32.max, dtype=tf.int32)
+  return {"op": bits[:, 0] % len(OPS), "negate": bits[:, 1] % 2 == 1, "center": bits[:, 2:]}
 
 
 def randaugment(image, num_layers: int, magnitude: float, seed, translate_const=TRANSLATE_CONST,
@@ -201,14 +254,37 @@ def randaugment(image, num_layers: int, magnitude: float, seed, translate_const=
   if image.dtype != tf.uint8:
     raise TypeError(f"RandAugment works on uint8 images, got {image.dtype}.")
   shape = image.shape
-  seeds = tf.random.experimental.stateless_split(tf.convert_to_tensor(seed), 2 * max(num_layers, 1))
+  draws = sample_layers(seed, num_layers)
   for layer in range(num_layers):
-    choice = tf.random.stateless_uniform([], seeds[2 * layer], 0, len(OPS), dtype=tf.int32)
-    op_seed = seeds[2 * layer + 1]
+    negate, center = draws["negate"][layer][None], draws["center"][layer][None]
     branches = [
         (lambda name=name: tf.ensure_shape(
-            apply_op(image, name, magnitude, op_seed, translate_const, cutout_const), shape))
+            _apply(image[None], name, magnitude, negate, center, translate_const, cutout_const)[0], shape))
         for name in OPS
     ]
-    image = tf.switch_case(choice, branches)
+    image = tf.switch_case(draws["op"][layer], branches)
   return image
+
+
+def randaugment_batch(images, draws, magnitude: float, translate_const=TRANSLATE_CONST,
+                      cutout_const=CUTOUT_CONST):
+  """RandAugment on a uint8 [b, h, w, 3] batch with per-image `draws` (sample_layers' dict, batched:
+  [b, N] ...): image i equals randaugment(images[i], N, M, seed_i). Each layer runs every op once, on the
+  images that drew it, and stitches the results back in order."""
+  if images.dtype != tf.uint8:
+    raise TypeError(f"RandAugment works on uint8 images, got {images.dtype}.")
+  num_layers = draws["op"].shape[1]
+  for layer in range(num_layers):
+    choice = draws["op"][:, layer]
+    positions, results = [], []
+    for k, name in enumerate(OPS):
+      where = tf.cast(tf.where(tf.equal(choice, k))[:, 0], tf.int32)
+      picked = tf.gather(images, where)
+      op = lambda picked=picked, where=where, name=name: tf.ensure_shape(_apply(
+          picked, name, magnitude, tf.gather(draws["negate"][:, layer], where),
+          tf.gather(draws["center"][:, layer], where), translate_const, cutout_const), picked.shape)
+      # An op no image drew is skipped (some TF kernels mis-shape empty batches).
+      results.append(tf.cond(tf.size(where) > 0, op, lambda picked=picked: picked))
+      positions.append(where)
+    images = tf.ensure_shape(tf.dynamic_stitch(positions, results), images.shape)
+  return images
