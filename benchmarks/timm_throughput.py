@@ -2,7 +2,11 @@
 
     /tmp/timmvenv/bin/python benchmarks/timm_throughput.py --batch=32 --resolution=224 [--bf16]
 
-Runs in its own virtual environment with torch and timm, not this project's requirements.
+Runs in its own virtual environment, not this project's requirements: `python3 -m venv /tmp/timmvenv`,
+`pip install torch==2.13.0`, then `pip install --no-deps timm huggingface_hub pyyaml safetensors pillow`
+(timm's torchvision requirement would pull a torch 2.14 build, and torchvision 0.28 fails to import against
+torch 2.13 here; the measured runs used a minimal local `torchvision` stub providing
+`ops.misc.FrozenBatchNorm2d` and `transforms.InterpolationMode`, all that timm's EfficientNet needs).
 Mirrors `benchmarks/model_throughput.py`: timm's model with random init and the JAX model's noise
 (dropout 0.2 before the classifier, stochastic depth 0.2 at the last block), a fixed random batch,
 one train step (train-mode forward, cross-entropy, backward, RMSprop lr 0.01 / alpha 0.9 /
