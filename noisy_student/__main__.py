@@ -110,7 +110,7 @@ def main(argv) -> None:
       result = iterate.iterate(config, str(workdir))
     else:
       raise app.UsageError(f"Unknown config.mode {config.mode!r}; use train, evaluate, label or iterate.")
-  except (FileNotFoundError, ValueError) as e:  # incl. the checkpoint, record and stage-config mismatches  # incl. DatasetNotPreparedError
+  except (FileNotFoundError, ValueError) as e:  # incl. checkpoint / record / stage-config mismatches, unprepared datasets
     # Errors a user fixes from the command line: one clear line, not a traceback.
     logging.debug("Traceback of the error below:", exc_info=True)  # --verbosity=1 shows it
     logging.error("%s: %s", type(e).__name__, e)

@@ -124,8 +124,8 @@ def _check_same_config(folder: epath.Path, config: ml_collections.ConfigDict) ->
                    if before.get(k) != now.get(k) and k not in _RERUN_MAY_CHANGE)
   if changed:
     details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
-    raise StageConfigMismatchError(f"{folder} was run with another config ({details}). Resume with the same config, or "
-                     "use a new workdir.")
+    raise StageConfigMismatchError(f"{folder} was run with another config ({details}). Resume with the same "
+                                   "config, or use a new workdir.")
 
 
 def _run_stage(stage: Stage, config, folder: epath.Path) -> Optional[Dict[str, Any]]:
@@ -161,12 +161,11 @@ def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     folder = workdir / stage.name
     done = folder / DONE
     stage_config = _stage_config(stage, workdir, previous)
-    if not done.exists():
-      _check_same_config(folder, stage_config)
     if done.exists():
       result = outputs.read_json(done)
       logging.info("Stage %s already done: %s", stage.name, result)
     else:
+      _check_same_config(folder, stage_config)  # finished stages are reused as they are
       logging.info("Stage %s: %s (%s)", stage.name, stage.kind, stage_config.model.name)
       folder.mkdir(parents=True, exist_ok=True)
       if jax.process_index() == 0:

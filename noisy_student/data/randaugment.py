@@ -5,10 +5,10 @@ scale, L = M / 10, no clamping: M = 15 is allowed and gives e.g. a 45 degree rot
 [h, w, 3]; geometric ops and Cutout fill with 128. All randomness is stateless from an explicit seed ([2]
 int tensor), so a given seed always gives the same augmentation - the pipeline stays resumable.
 
-Every op takes one image [h, w, 3] or a batch [b, h, w, 3] (per-image arguments then [b]). `randaugment`
-augments one image; `sample_layers` + `randaugment_batch` give the same result for a whole batch at once
-(each op runs once on the images that drew it), which is what the input pipeline uses: for small images
-the per-image op dispatch, not the pixels, is what costs.
+Every op takes one image [h, w, 3] or a batch [b, h, w, 3] (per-image arguments then [b]).
+`sample_layers` draws one image's choices from its seed; `randaugment_batch` applies a batch's draws, each
+op once on the images that drew it (the input pipeline's path: for small images the per-op dispatch, not
+the pixels, is what costs); `randaugment` is the same for one image.
 
 One deliberate difference from the official TF code: Contrast blends towards the grayscale image's mean
 intensity (PIL's definition); the official code uses pixel_count / 256 there, which is a known bug.
@@ -250,20 +250,10 @@ def sample_layers(seed, num_layers: int):
 
 def randaugment(image, num_layers: int, magnitude: float, seed, translate_const=TRANSLATE_CONST,
                 cutout_const=CUTOUT_CONST):
-  """`num_layers` uniformly chosen ops at magnitude M on a uint8 [h, w, 3] image."""
-  if image.dtype != tf.uint8:
-    raise TypeError(f"RandAugment works on uint8 images, got {image.dtype}.")
-  shape = image.shape
-  draws = sample_layers(seed, num_layers)
-  for layer in range(num_layers):
-    negate, center = draws["negate"][layer][None], draws["center"][layer][None]
-    branches = [
-        (lambda name=name: tf.ensure_shape(
-            _apply(image[None], name, magnitude, negate, center, translate_const, cutout_const)[0], shape))
-        for name in OPS
-    ]
-    image = tf.switch_case(draws["op"][layer], branches)
-  return image
+  """`num_layers` uniformly chosen ops at magnitude M on a uint8 [h, w, 3] image (a batch of one)."""
+  draws = {k: v[None] for k, v in sample_layers(seed, num_layers).items()}
+  return randaugment_batch(tf.convert_to_tensor(image)[None], draws, magnitude, translate_const,
+                           cutout_const)[0]
 
 
 def randaugment_batch(images, draws, magnitude: float, translate_const=TRANSLATE_CONST,

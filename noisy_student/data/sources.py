@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from noisy_student import outputs
 from noisy_student.data import digits
 
 # Builders that need no download: prepared on first use (in seconds) instead of raising.
@@ -224,7 +225,6 @@ def _manifest_files(spec, files):
   manifest = os.path.join(folder, MANIFEST)
   if not tf.io.gfile.exists(manifest):
     return files
-  from noisy_student import outputs  # pylint: disable=g-import-not-at-top
   shards = outputs.read_json(manifest).get("shards")
   if not isinstance(shards, list):
     raise ValueError(f"{manifest}: not a pseudo-label manifest (no 'shards' list); was it written by the "
