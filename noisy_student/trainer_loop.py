@@ -6,6 +6,8 @@ through clu writers (process 0 only), EMA evaluation, SIGTERM -> checkpoint and 
 Every path goes through etils.epath, so WORKDIR may be a gs:// bucket.
 """
 
+import concurrent.futures
+import itertools
 import signal
 import threading
 import time
@@ -205,13 +207,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                          ema_decay=opt.ema_decay, schedule=schedule,
                                          state_shardings=jax.tree.map(lambda x: x.sharding, state))
   eval_step = train_lib.make_eval_step(model, mesh)
+  global_batch = config.data.labeled_batch * (1 + (config.data.ratio if unlabeled is not None else 0))
   batches = data_lib.train_iterator(
       labeled, labeled_batch=config.data.labeled_batch, image_size=config.model.image_size,
       seed=config.seed, start_step=start_step, unlabeled=unlabeled,
       ratio=config.data.ratio if unlabeled is not None else 0, mesh=mesh, num_classes=num_classes,
       crop=config.data.crop, flip=config.data.get("flip", True),
       noise=data_lib.Noise(config.data.randaugment_layers, config.data.randaugment_magnitude))
-  global_batch = config.data.labeled_batch * (1 + (config.data.ratio if unlabeled is not None else 0))
+  if start_step < total_steps:
+    batch_spec = data_lib.train_batch_spec(global_batch, config.model.image_size, num_classes, mesh)
+    train_step, batches = _compile_while_first_batch(train_step, state, batch_spec, batches)
 
   hooks = []
   if jax.process_index() == 0:
@@ -271,6 +276,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   finally:
     manager.wait_until_finished()
     writer.flush()
+
+
+def _compile_while_first_batch(step_fn, state, batch_spec, batches):
+  """(compiled step, the same batches): XLA compiles the step in a thread while this one builds the input
+  pipeline and reads its first batch (building a pipeline is mostly Python, compiling is not: the two
+  overlap even on 2 cores)."""
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile") as pool:
+    compiled = pool.submit(lambda: step_fn.lower(state, batch_spec).compile())
+    first = next(batches)
+    return compiled.result(), itertools.chain([first], batches)
 
 
 def _mean(metrics_list) -> Dict[str, float]:

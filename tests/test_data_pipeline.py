@@ -175,6 +175,21 @@ def test_mixed_batches_layout(data_dir, tmp_path):
   assert (pseudo_t.max(1) < 1.0).all()  # soft teacher distributions
 
 
+def test_train_batch_spec_is_what_the_iterator_yields(data_dir, tmp_path):
+  """The abstract batch a train step is compiled for before the pipeline exists (trainer_loop) must be
+  exactly the batches that then arrive: shapes, dtypes and shardings."""
+  write_pseudo_labels(data_dir, tmp_path)
+  mesh = sharding.create_mesh()
+  labeled = sources.open_source("tfds:digits:train[:50]", data_dir=data_dir, **ONE)
+  pseudo = sources.open_source(str(tmp_path / "labels-*.tfrecord"), num_classes=10, **ONE)
+  batch = next(pipeline.train_iterator(labeled, labeled_batch=8, image_size=16, seed=0, unlabeled=pseudo,
+                                       ratio=3, mesh=mesh, crop="resize", noise=pipeline.Noise(2, 5)))
+  spec = pipeline.train_batch_spec(32, 16, 10, mesh)
+  assert set(spec) == set(batch)
+  for k, array in batch.items():
+    assert (array.shape, array.dtype, array.sharding) == (spec[k].shape, spec[k].dtype, spec[k].sharding), k
+
+
 @pytest.mark.parametrize("cache", [True, False])
 def test_resume_gives_the_same_batches(data_dir, tmp_path, cache):
   # 50 labeled examples, 16 per step: epochs end mid-batch at steps 3, 6, ...; 90 pseudo, 32 per step.

@@ -19,6 +19,7 @@ import dataclasses
 import math
 from typing import Iterator, Optional, Tuple
 
+import jax
 import numpy as np
 import tensorflow as tf
 
@@ -184,7 +185,6 @@ def train_iterator(labeled: Source, *, labeled_batch: int, image_size: int, seed
     raise ValueError(f"{labeled.spec} is split over {procs} processes but {unlabeled.spec} over "
                      f"{unlabeled.process_count}; open both per process or both whole.")
   if procs == 1 and mesh_process_count(mesh) > 1:
-    import jax  # pylint: disable=g-import-not-at-top
     kwargs["global_rows"] = (jax.process_index(), jax.process_count())
     procs = jax.process_count()
   local = local_batch(labeled_batch, "labeled_batch", mesh, procs)
@@ -197,6 +197,16 @@ def train_iterator(labeled: Source, *, labeled_batch: int, image_size: int, seed
                      unlabeled=unlabeled, unlabeled_batch_size=local_u, **kwargs)
   for batch in ds.as_numpy_iterator():
     yield sharding.host_to_global(batch, mesh)
+
+
+def train_batch_spec(global_batch: int, image_size: int, num_classes: int, mesh=None) -> dict:
+  """The abstract global train batch train_iterator yields (jax.ShapeDtypeStruct, batch-sharded): enough to
+  compile a train step before the pipeline exists (a test holds it to the pipeline's element_spec)."""
+  mesh = mesh if mesh is not None else sharding.create_mesh()
+  batch_sharding = sharding.batch_sharding(mesh)
+  shapes = {"image": ((global_batch, image_size, image_size, 3), np.float32),
+            "targets": ((global_batch, num_classes), np.float32), "is_labeled": ((global_batch,), np.bool_)}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in shapes.items()}
 
 
 def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_size: int,

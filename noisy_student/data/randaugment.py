@@ -141,11 +141,18 @@ def brightness(image, factor):
 
 @_image_or_batch
 def sharpness(images, factor):
-  """Blend with PIL's SMOOTH-filtered image (borders unfiltered); 1 is the identity."""
-  kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
-  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  smooth = tf.nn.depthwise_conv2d(tf.cast(images, tf.float32), kernel, [1, 1, 1, 1], "VALID")
-  smooth = tf.cast(tf.round(tf.clip_by_value(smooth, 0.0, 255.0)), tf.uint8)
+  """Blend with PIL's SMOOTH-filtered image (borders unfiltered); 1 is the identity.
+
+  SMOOTH is [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, rounded half up: summed here in integers (exact, and no
+  convolution kernel, which TF mis-shapes on an empty batch), so the result is PIL's bit for bit.
+  """
+  pixels = tf.cast(images, tf.int32)
+  height, width = tf.shape(pixels)[1] - 2, tf.shape(pixels)[2] - 2
+  total = 4 * pixels[:, 1:-1, 1:-1]  # the centre's weight is 5: 4 here + 1 among the 9 taps below
+  for dy in range(3):
+    for dx in range(3):
+      total += pixels[:, dy:dy + height, dx:dx + width]
+  smooth = tf.cast((2 * total + 13) // 26, tf.uint8)  # floor(total / 13 + 1/2)
   border = [[0, 0], [1, 1], [1, 1], [0, 0]]
   inner = tf.pad(tf.ones_like(smooth, tf.bool), border)
   degenerate = tf.where(inner, tf.pad(smooth, border), images)
@@ -260,21 +267,42 @@ def randaugment_batch(images, draws, magnitude: float, translate_const=TRANSLATE
                       cutout_const=CUTOUT_CONST):
   """RandAugment on a uint8 [b, h, w, 3] batch with per-image `draws` (sample_layers' dict, batched:
   [b, N] ...): image i equals randaugment(images[i], N, M, seed_i). Each layer runs every op once, on the
-  images that drew it, and stitches the results back in order."""
+  images that drew it, and stitches the results back in order.
+
+  The graph is built once per process for each (N, M, constants) and reused by every pipeline and stage
+  that asks again (building it is ~2,500 TF ops: seconds of Python per pipeline otherwise).
+  """
+  images = tf.convert_to_tensor(images)
   if images.dtype != tf.uint8:
     raise TypeError(f"RandAugment works on uint8 images, got {images.dtype}.")
-  num_layers = draws["op"].shape[1]
-  for layer in range(num_layers):
-    choice = draws["op"][:, layer]
-    positions, results = [], []
-    for k, name in enumerate(OPS):
-      where = tf.cast(tf.where(tf.equal(choice, k))[:, 0], tf.int32)
-      picked = tf.gather(images, where)
-      op = lambda picked=picked, where=where, name=name: tf.ensure_shape(_apply(
-          picked, name, magnitude, tf.gather(draws["negate"][:, layer], where),
-          tf.gather(draws["center"][:, layer], where), translate_const, cutout_const), picked.shape)
-      # An op no image drew is skipped (some TF kernels mis-shape empty batches).
-      results.append(tf.cond(tf.size(where) > 0, op, lambda picked=picked: picked))
-      positions.append(where)
-    images = tf.ensure_shape(tf.dynamic_stitch(positions, results), images.shape)
-  return images
+  layers = _layers_function(int(draws["op"].shape[1]), float(magnitude), float(translate_const),
+                            float(cutout_const))
+  out = layers(images, {k: draws[k] for k in ("op", "negate", "center")})
+  return tf.ensure_shape(out, images.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _layers_function(num_layers: int, magnitude: float, translate_const: float, cutout_const: float):
+  """randaugment_batch's graph for any batch and image size, traced on first use."""
+  signature = [tf.TensorSpec([None, None, None, 3], tf.uint8),
+               {"op": tf.TensorSpec([None, num_layers], tf.int32),
+                "negate": tf.TensorSpec([None, num_layers], tf.bool),
+                "center": tf.TensorSpec([None, num_layers, 2], tf.int32)}]
+
+  def layers(images, draws):
+    for layer in range(num_layers):
+      choice = draws["op"][:, layer]
+      positions, results = [], []
+      for k, name in enumerate(OPS):
+        where = tf.cast(tf.where(tf.equal(choice, k))[:, 0], tf.int32)
+        picked = tf.gather(images, where)
+        # Every op also runs when no image drew it (on an empty batch: no cost, and no tf.cond, whose
+        # per-branch graphs made building the pipeline slower).
+        results.append(tf.ensure_shape(_apply(
+            picked, name, magnitude, tf.gather(draws["negate"][:, layer], where),
+            tf.gather(draws["center"][:, layer], where), translate_const, cutout_const), picked.shape))
+        positions.append(where)
+      images = tf.ensure_shape(tf.dynamic_stitch(positions, results), images.shape)
+    return images
+
+  return tf.function(layers, input_signature=signature, autograph=False)
