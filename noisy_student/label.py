@@ -21,6 +21,7 @@ from typing import Any, Dict, List
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax import lax
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -50,15 +51,41 @@ def load_teacher(teacher_workdir: str, model, image_size: int, mesh) -> Dict[str
                                              dict(template))
 
 
-def make_infer_step(model, mesh):
-  """Eval-mode logits (float32), batch-sharded in and out."""
+CPU_MICRO_BATCH = 8  # images per forward pass on XLA:CPU: b0's activations then stay in cache
+
+
+def micro_batch_size(per_device: int, micro_batch: int = 0, backend: str = "") -> int:
+  """Images per forward pass within one device's share of a batch: the largest divisor of `per_device`
+  that is at most `micro_batch`; 0 means automatic (CPU_MICRO_BATCH on CPU, the whole share elsewhere)."""
+  if micro_batch <= 0:
+    micro_batch = CPU_MICRO_BATCH if (backend or jax.default_backend()) == "cpu" else per_device
+  return max(d for d in range(1, min(micro_batch, per_device) + 1) if per_device % d == 0)
+
+
+def make_infer_step(model, mesh, micro_batch: int = 0):
+  """Eval-mode logits (float32), batch-sharded in and out.
+
+  Each device runs its rows in forward passes of micro_batch_size(...) images (a loop inside the step):
+  eval mode has no batch statistics, so the logits are the same, and on CPU small passes keep the
+  activations in cache (efficientnet-b0 at 224: 8 images per pass run ~1.2x faster than 32).
+  """
   replicated = NamedSharding(mesh, PartitionSpec())
   batch = sharding.batch_sharding(mesh)
+  rows = PartitionSpec(sharding.BATCH_AXES)
 
-  def infer(variables, images):
+  def forward(variables, images):
     return model.apply(variables, images, train=False).astype(jnp.float32)
 
-  return jax.jit(infer, in_shardings=(replicated, batch), out_shardings=batch)
+  def per_device(variables, images):
+    n = images.shape[0]
+    size = micro_batch_size(n, micro_batch)
+    if size == n:
+      return forward(variables, images)
+    passes = images.reshape(n // size, size, *images.shape[1:])
+    return lax.map(lambda part: forward(variables, part), passes).reshape(n, -1)
+
+  step = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), rows), out_specs=rows)
+  return jax.jit(step, in_shardings=(replicated, batch), out_shardings=batch)
 
 
 def shard_bounds(num_batches: int, shards: int) -> List[int]:
@@ -66,14 +93,16 @@ def shard_bounds(num_batches: int, shards: int) -> List[int]:
   return [j * num_batches // shards for j in range(shards + 1)]
 
 
-def _fingerprint(config: ml_collections.ConfigDict, num_batches: int, global_batch: int) -> Dict[str, Any]:
+def _fingerprint(config: ml_collections.ConfigDict, num_batches: int, global_batch: int,
+                 mesh) -> Dict[str, Any]:
   """What a shard's bytes depend on: a shard written under other settings is not reused."""
   lc, m = config.label, config.model
+  per_device = global_batch // sharding.batch_devices(mesh)
   return {"teacher": str(lc.teacher_workdir), "model": m.name, "num_classes": m.num_classes,
           "image_size": m.image_size, "source": config.data.unlabeled_source,
           "eval_crop": config.data.get("eval_crop", "center"), "batch": global_batch,
           "num_batches": num_batches, "temperature": lc.temperature, "top_k": lc.top_k, "hard": bool(lc.hard),
-          "num_bins": lc.num_bins}
+          "num_bins": lc.num_bins, "micro_batch": micro_batch_size(per_device, lc.micro_batch)}
 
 
 def _complete(folder: epath.Path, index: int, count: int, fingerprint: Dict[str, Any]) -> bool:
@@ -153,7 +182,7 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   count = per_process * source.process_count
   first = source.process_index * per_process
   bounds = shard_bounds(num_batches, per_process)
-  fingerprint = _fingerprint(config, num_batches, global_batch)
+  fingerprint = _fingerprint(config, num_batches, global_batch, mesh)
   done = [_complete(folder, first + j, count, fingerprint) for j in range(per_process)]
   start_shard = _all_min(done.index(False) if False in done else per_process)
   if start_shard < per_process and jax.process_index() == 0 and (folder / STATS_FILE).exists():
@@ -190,7 +219,7 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 def _run(config, variables, model, mesh, source, folder, global_batch, num_batches, bounds, done,
          start_shard, first, count, num_classes, fingerprint):
   lc = config.label
-  infer = make_infer_step(model, mesh)
+  infer = make_infer_step(model, mesh, lc.micro_batch)
   batch_spec = PartitionSpec(sharding.BATCH_AXES)
   writer = metric_writers.create_default_writer(just_logging=True)
   progress = periodic_actions.ReportProgress(num_train_steps=num_batches, writer=writer,

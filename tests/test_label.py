@@ -101,6 +101,28 @@ def test_labels_every_image_once_with_the_eval_mode_teacher(teacher, one_process
   assert (out / "stats.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_micro_batch_size_is_the_largest_divisor_within_the_limit():
+  assert [label.micro_batch_size(n, 8, "cpu") for n in (32, 12, 7, 5, 3)] == [8, 6, 7, 5, 3]
+  assert label.micro_batch_size(32, 0, "cpu") == label.CPU_MICRO_BATCH
+  assert label.micro_batch_size(32, 0, "tpu") == 32  # automatic: the whole share off CPU
+  assert label.micro_batch_size(32, 100, "cpu") == 32
+
+
+def test_micro_batched_inference_gives_the_whole_batch_logits(teacher):
+  """Each device's rows in passes of 1, 3 or 6 images (a loop in the step) == one pass == model.apply."""
+  from noisy_student import sharding  # pylint: disable=g-import-not-at-top
+  folder, variables = teacher
+  model = model_from_config(_config(folder).model)
+  mesh = sharding.create_mesh()
+  images = np.asarray(jax.random.normal(jax.random.key(1), (6 * jax.device_count(), 16, 16, 3)))
+  expected = np.asarray(model.apply(variables, images, train=False))
+  batch = jax.device_put(images, sharding.batch_sharding(mesh))
+  for micro_batch in (1, 3, 6):
+    logits = label.make_infer_step(model, mesh, micro_batch)(variables, batch)
+    assert logits.sharding == sharding.batch_sharding(mesh)
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-5, err_msg=str(micro_batch))
+
+
 def _cli(workdir, teacher_dir, *extra):
   return [sys.executable, "-m", "noisy_student", "--config=configs/digits.py", f"--workdir={workdir}",
           "--config.mode=label", f"--config.label.teacher_workdir={teacher_dir}",
