@@ -4,7 +4,9 @@
 
 Times one jitted train step (forward, backward, RMSProp update, batch-norm
 update, donated state) and one jitted eval-mode forward pass on a fixed batch
-already on the device, after compilation, for each `--impls` entry; prints
+already on the device, after compilation, for each `--impls` entry; beside the
+forward pass, the labeling job's step, which runs the batch in micro-batches
+(`label.make_infer_step`, alternated with the one-pass forward); prints
 XLA's FLOP count per image beside the paper's multiply-add count, and which
 allocator ran. Compare rows within one run: absolute numbers depend on the host.
 """
@@ -26,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from noisy_student import label, sharding  # noqa: E402
 from noisy_student.models import create_model  # noqa: E402
 
 # Multiply-adds per image at the native resolution (EfficientNet paper, Table 2).
@@ -61,7 +64,7 @@ def build(model_name, impl, batch, resolution, num_classes):
 
   train = jax.jit(train_step, donate_argnums=0)
   infer = jax.jit(infer)
-  return train, infer, state, variables, images, labels
+  return model, train, infer, state, variables, images, labels
 
 
 def flops(compiled):
@@ -69,6 +72,20 @@ def flops(compiled):
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def time_alternating(fns, steps, warmup):
+  """Median seconds per call of each fn, calls interleaved so a shared machine's drift hits all alike."""
+  for fn in fns:
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = [[] for _ in fns]
+  for _ in range(steps):
+    for fn, t in zip(fns, times):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      t.append(time.perf_counter() - start)
+  return [float(np.median(t)) for t in times]
 
 
 def time_calls(fn, steps, warmup):
@@ -91,6 +108,8 @@ def main():
   parser.add_argument("--impls", default="xla,shifted", help="comma-separated conv_impl values")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median is reported)")
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--micro_batch", type=int, default=0,
+                      help="images per pass for the micro-batched inference column (0: the labeling default)")
   parser.add_argument("--skip", default="", help="'train' or 'infer' to skip one")
   parser.add_argument("--no_reexec", action="store_true",
                       help="run under the allocator and XLA_FLAGS of the calling environment")
@@ -100,9 +119,10 @@ def main():
         f"({jax.device_count()} device(s)); allocator: {ALLOCATOR}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   paper = PAPER_MADDS.get(args.model)
+  mesh = sharding.create_mesh()
   rows = []
   for impl in args.impls.split(","):
-    train, infer, state, variables, images, labels = build(
+    model, train, infer, state, variables, images, labels = build(
         args.model, impl, args.batch, args.resolution, args.num_classes)
     row = {"impl": impl}
     # Inference first: the train step donates (deletes) the initial state.
@@ -111,8 +131,11 @@ def main():
       compiled = infer.lower(variables, images).compile()
       row["infer_compile_s"] = time.perf_counter() - start
       row["infer_gflops_per_img"] = flops(compiled) / args.batch / 1e9
-      row["infer_img_s"] = args.batch / time_calls(lambda: compiled(variables, images),
-                                                   args.steps, args.warmup)
+      # Beside one pass over the batch: the labeling job's step, which runs it in micro-batches.
+      passes = label.make_infer_step(model, mesh, args.micro_batch)
+      whole, micro = time_alternating([lambda: compiled(variables, images), lambda: passes(variables, images)],
+                                      args.steps, args.warmup)
+      row["infer_img_s"], row["micro_img_s"] = args.batch / whole, args.batch / micro
     if args.skip != "train":
       start = time.perf_counter()
       compiled = train.lower(state, images, labels, 0).compile()
@@ -128,11 +151,13 @@ def main():
       row["train_img_s"] = args.batch / time_calls(one_step, args.steps, args.warmup)
     rows.append(row)
 
-  header = f"{'impl':>8} {'train img/s':>12} {'infer img/s':>12} {'train GFLOP/img':>16} {'infer GFLOP/img':>16}"
+  micro_header = f"infer, passes of {label.micro_batch_size(args.batch, args.micro_batch)}"
+  header = (f"{'impl':>8} {'train img/s':>12} {'infer img/s':>12} {micro_header:>20} {'train GFLOP/img':>16} "
+            f"{'infer GFLOP/img':>16}")
   print(header)
   for r in rows:
     print(f"{r['impl']:>8} {r.get('train_img_s', float('nan')):12.1f} "
-          f"{r.get('infer_img_s', float('nan')):12.1f} "
+          f"{r.get('infer_img_s', float('nan')):12.1f} {r.get('micro_img_s', float('nan')):20.1f} "
           f"{r.get('train_gflops_per_img', float('nan')):16.2f} "
           f"{r.get('infer_gflops_per_img', float('nan')):16.2f}")
   print("compile seconds: " + ", ".join(
