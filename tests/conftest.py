@@ -10,6 +10,8 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax  # noqa: E402
 
+from noisy_student import allocator  # noqa: E402
+
 jax.config.update("jax_threefry_partitionable", True)
 # Compiled steps persist across test processes (xdist workers, subprocesses use the CLI's own cache) and runs.
 jax.config.update("jax_compilation_cache_dir", os.environ.get(
@@ -18,4 +20,13 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def pytest_configure(config):
+  # The allocator users' entry points run under: pytest re-executes itself once (xdist workers inherit
+  # it); XLA compiles about 1.5x faster under it, and compiling is most of this suite's time. jax has
+  # been imported but has allocated nothing yet. Output capture is undone first, so the new process
+  # writes to the terminal, not to the old one's capture files.
+  if not hasattr(config, "workerinput"):
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+      capture.stop_global_capturing()
+    allocator.reexec_with_fast_allocator()
   config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores (CI runs it)")
