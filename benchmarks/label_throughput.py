@@ -74,7 +74,7 @@ def main():
 
     replicated = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     per_device = args.batch // sharding.batch_devices(mesh)
-    micro = label.micro_batch_size(per_device, c.label.micro_batch)
+    micro = label.micro_batch_size(per_device, c.label.micro_batch, image_pixels=args.size**2)
     # The job's micro-batches, and one pass per batch beside them; alternated, best of two rounds each, so a
     # shared machine's drift does not favour either.
     infers = {k: label.make_infer_step(model, mesh, k) for k in sorted({micro, per_device})}

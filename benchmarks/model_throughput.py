@@ -151,7 +151,8 @@ def main():
       row["train_img_s"] = args.batch / time_calls(one_step, args.steps, args.warmup)
     rows.append(row)
 
-  micro_header = f"infer, passes of {label.micro_batch_size(args.batch, args.micro_batch)}"
+  micro_header = (f"infer, passes of "
+                  f"{label.micro_batch_size(args.batch, args.micro_batch, image_pixels=args.resolution**2)}")
   header = (f"{'impl':>8} {'train img/s':>12} {'infer img/s':>12} {micro_header:>20} {'train GFLOP/img':>16} "
             f"{'infer GFLOP/img':>16}")
   print(header)

@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   # it (L0-L2), 'replicate' keeps a full copy per device.
   c.mesh = dict(fsdp=1, param_sharding="replicate")
   # mode='label': the teacher (config.model) from teacher_workdir/export over data.unlabeled_source.
-  # micro_batch: images per forward pass within a device's rows (0: 8 on CPU, all of them elsewhere).
+  # micro_batch: images per forward pass within a device's rows (0: ~8 at 224 px on CPU, all elsewhere).
   c.label = dict(teacher_workdir="", temperature=1.0, hard=False, top_k=0, batch=0, micro_batch=0,
                  shards_per_process=4, num_bins=100, log_every_batches=50, log_every_secs=60.0)
   # Which pseudo-labels a student trains on (computed from the labels' stats.json); enabled=False uses all.

@@ -103,8 +103,11 @@ def test_labels_every_image_once_with_the_eval_mode_teacher(teacher, one_process
 
 def test_micro_batch_size_is_the_largest_divisor_within_the_limit():
   assert [label.micro_batch_size(n, 8, "cpu") for n in (32, 12, 7, 5, 3)] == [8, 6, 7, 5, 3]
-  assert label.micro_batch_size(32, 0, "cpu") == label.CPU_MICRO_BATCH
-  assert label.micro_batch_size(32, 0, "tpu") == 32  # automatic: the whole share off CPU
+  # Automatic: on CPU passes of about 8 images of 224 px (all 256 of a 16 px batch), the whole share off CPU.
+  assert label.micro_batch_size(32, 0, "cpu", 224 * 224) == 8
+  assert label.micro_batch_size(32, 0, "cpu", 448 * 448) == 2
+  assert label.micro_batch_size(256, 0, "cpu", 16 * 16) == 256
+  assert label.micro_batch_size(32, 0, "tpu", 224 * 224) == 32
   assert label.micro_batch_size(32, 100, "cpu") == 32
 
 
