@@ -21,12 +21,12 @@ from typing import Any, Dict, List
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax import lax
 import numpy as np
 import tensorflow as tf
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
+from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 

@@ -206,7 +206,8 @@ def train_batch_spec(global_batch: int, image_size: int, num_classes: int, mesh=
   batch_sharding = sharding.batch_sharding(mesh)
   shapes = {"image": ((global_batch, image_size, image_size, 3), np.float32),
             "targets": ((global_batch, num_classes), np.float32), "is_labeled": ((global_batch,), np.bool_)}
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in shapes.items()}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+          for k, (shape, dtype) in shapes.items()}
 
 
 def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_size: int,
