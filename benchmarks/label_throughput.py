@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks.input_pipeline import make_jpegs  # noqa: E402
+from benchmarks.timing import time_alternating  # noqa: E402
 from noisy_student import checkpoint, label, pseudo_labels, sharding  # noqa: E402
 from noisy_student import data as data_lib  # noqa: E402
 from noisy_student.config_defaults import base_config  # noqa: E402
@@ -75,19 +76,15 @@ def main():
     replicated = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     per_device = args.batch // sharding.batch_devices(mesh)
     micro = label.micro_batch_size(per_device, c.label.micro_batch, image_pixels=args.size**2)
-    # The job's micro-batches, and one pass per batch beside them; alternated, best of two rounds each, so a
+    # The job's micro-batches, and one pass per batch beside them, alternated (median of two rounds) so a
     # shared machine's drift does not favour either.
     infers = {k: label.make_infer_step(model, mesh, k) for k in sorted({micro, per_device})}
-    t_model = {k: float("inf") for k in infers}
     for infer in infers.values():
       jax.block_until_ready(infer(replicated, batches[0]["image"]))
-    for _ in range(2):
-      for k, infer in infers.items():
-        start = time.perf_counter()
-        for b in batches:
-          logits = infer(replicated, b["image"])
-        jax.block_until_ready(logits)
-        t_model[k] = min(t_model[k], time.perf_counter() - start)
+    seconds = time_alternating(
+        [lambda infer=infer: [infer(replicated, b["image"]) for b in batches] for infer in infers.values()],
+        steps=2)
+    t_model = dict(zip(infers, seconds))
 
     probs = pseudo_labels.soft_labels(np.random.default_rng(0).normal(size=(args.batch, 1000)))
     start = time.perf_counter()

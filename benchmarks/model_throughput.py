@@ -25,9 +25,9 @@ ALLOCATOR = allocator.describe()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks.timing import time_alternating  # noqa: E402
 from noisy_student import label, sharding  # noqa: E402
 from noisy_student.models import create_model  # noqa: E402
 
@@ -72,31 +72,6 @@ def flops(compiled):
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
-
-
-def time_alternating(fns, steps, warmup):
-  """Median seconds per call of each fn, calls interleaved so a shared machine's drift hits all alike."""
-  for fn in fns:
-    for _ in range(warmup):
-      jax.block_until_ready(fn())
-  times = [[] for _ in fns]
-  for _ in range(steps):
-    for fn, t in zip(fns, times):
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      t.append(time.perf_counter() - start)
-  return [float(np.median(t)) for t in times]
-
-
-def time_calls(fn, steps, warmup):
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main():
@@ -148,7 +123,7 @@ def main():
         holder["step"] += 1
         return loss
 
-      row["train_img_s"] = args.batch / time_calls(one_step, args.steps, args.warmup)
+      row["train_img_s"] = args.batch / time_alternating([one_step], args.steps, args.warmup)[0]
     rows.append(row)
 
   micro_header = (f"infer, passes of "

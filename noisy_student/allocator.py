@@ -61,6 +61,12 @@ def describe() -> str:
   return "glibc, default (page-faults large buffers every step)"
 
 
+def will_reexec(environ=None) -> bool:
+  """Whether reexec_with_fast_allocator would re-execute this process (Linux, not yet done, no opt-out)."""
+  environ = os.environ if environ is None else environ
+  return _MARK not in environ and sys.platform.startswith("linux")
+
+
 def reexec_with_fast_allocator(environ=None) -> None:
   """Re-executes this very command once under mimalloc, tcmalloc or tuned glibc (Linux only).
 
@@ -68,7 +74,7 @@ def reexec_with_fast_allocator(environ=None) -> None:
   vectors for XLA:CPU unless XLA_FLAGS already chooses.
   """
   environ = os.environ if environ is None else environ
-  if _MARK in environ or not sys.platform.startswith("linux"):
+  if not will_reexec(environ):
     return
   env = dict(environ)
   env[_MARK] = "set"

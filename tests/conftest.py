@@ -24,7 +24,7 @@ def pytest_configure(config):
   # it); XLA compiles about 1.5x faster under it, and compiling is most of this suite's time. jax has
   # been imported but has allocated nothing yet. Output capture is undone first, so the new process
   # writes to the terminal, not to the old one's capture files.
-  if not hasattr(config, "workerinput"):
+  if not hasattr(config, "workerinput") and allocator.will_reexec():
     capture = config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
       capture.stop_global_capturing()
