@@ -5,7 +5,7 @@
 Writes mock 500x375 JPEGs (benchmarks/input_pipeline.make_jpegs) as an unlabeled TFRecord source, exports a
 randomly initialised teacher, and runs `label.label` twice: the first run compiles (kept in a persistent
 compilation cache), the second is timed as the job. Then times each part alone on the same data: the input
-pipeline (decode, center crop, resize, normalize, batching), the model on the same batches (in the job's
+pipeline (decode, center crop, resize, batching; uint8 out, as the job's: the model normalizes), the model on the same batches (in the job's
 micro-batches, config.label.micro_batch, and in one pass per batch), and building + writing the records.
 The parts overlap in the job (tf.data runs ahead on its own threads), so the job is faster than their sum
 when the CPU has room.
@@ -70,7 +70,7 @@ def main():
     source = data_lib.open_source(src_path, labeled=False, with_key=True)
     start = time.perf_counter()
     batches = [b for b in data_lib.eval_iterator(source, global_batch=args.batch, image_size=args.size,
-                                                 mesh=mesh, with_raw=True)]
+                                                 mesh=mesh, with_raw=True, normalize=False)]
     t_input = time.perf_counter() - start
 
     replicated = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 
 from data_fixtures import digits_data_dir
 from noisy_student import sharding
-from noisy_student.data import pipeline, sources
+from noisy_student.data import pipeline, preprocess, sources
 
 ONE = dict(process_index=0, process_count=1)
 
@@ -237,6 +237,29 @@ def test_eval_counts_every_example_once(data_dir, devices):
   assert len(set(keys)) == 497
   truth = [e["label"] for e in src.dataset.as_numpy_iterator()]
   np.testing.assert_array_equal(np.bincount(labels[masks], minlength=10), np.bincount(truth, minlength=10))
+
+
+def test_eval_batches_in_uint8_normalize_to_the_float_batches(data_dir):
+  """normalize=False (the labeling job's input) gives uint8 pixels that normalize to the default batches."""
+  src = sources.open_source("tfds:digits:test[:40]", data_dir=data_dir, with_key=True, **ONE)
+  floats = list(pipeline.eval_dataset(src, batch_size=16, num_batches=3, image_size=8, crop="resize",
+                                      with_raw=True).as_numpy_iterator())
+  pixels = list(pipeline.eval_dataset(src, batch_size=16, num_batches=3, image_size=8, crop="resize",
+                                      with_raw=True, normalize=False).as_numpy_iterator())
+  for f, u in zip(floats, pixels):
+    assert u["image"].dtype == np.uint8 and f["image"].dtype == np.float32
+    real = f["mask"]  # padding rows are zeros in both dtypes, not normalized zeros
+    np.testing.assert_array_equal(preprocess.normalize_pixels(u["image"][real]), f["image"][real])
+    np.testing.assert_array_equal(u["key"], f["key"])
+
+
+def test_pipelines_run_without_the_autotune_thread(data_dir):
+  """tf.data's autotuning thread made iterator teardown wait up to ~9 s beside jax (see _options)."""
+  src = sources.open_source("tfds:digits:test[:40]", data_dir=data_dir, with_key=True, **ONE)
+  train = sources.open_source("tfds:digits:train[:40]", data_dir=data_dir, **ONE)
+  for ds in (pipeline.eval_dataset(src, batch_size=16, num_batches=3, image_size=8, crop="resize"),
+             pipeline.train_dataset(train, batch_size=8, image_size=8, seed=0, crop="resize")):
+    assert ds.options().autotune.enabled is False
 
 
 def test_eval_parts_of_three_processes_cover_the_split(data_dir):

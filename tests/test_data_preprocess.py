@@ -105,6 +105,18 @@ def test_grayscale_becomes_rgb_and_normalize():
   np.testing.assert_allclose(white, (255 - mean) / np.array(preprocess.STDDEV_RGB), rtol=1e-6)
 
 
+def test_normalize_pixels_equals_the_tf_normalize_bit_for_bit():
+  """The labeling job ships uint8 and normalizes inside the jitted step: every pixel value must land on the
+  same float32 as the tf.data normalization the trainer's pipelines use."""
+  import jax  # pylint: disable=g-import-not-at-top
+  pixels = np.stack([np.arange(256, dtype=np.uint8)] * 3, axis=-1).reshape(16, 16, 3)
+  expected = preprocess.normalize(tf.constant(pixels)).numpy()
+  np.testing.assert_array_equal(preprocess.normalize_pixels(pixels), expected)
+  on_device = jax.jit(preprocess.normalize_pixels)(pixels)
+  assert on_device.dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(on_device), expected)
+
+
 def test_unknown_crop_names_are_errors(photo):
   with pytest.raises(ValueError, match="inception"):
     preprocess.train_image(photo[0], 32, tf.constant([0, 0]), crop="random")

@@ -20,6 +20,7 @@ import tensorflow as tf
 from data_fixtures import REPO, digits_data_dir, free_port, subprocess_env
 from noisy_student import checkpoint, label, outputs, pseudo_labels
 from noisy_student.config_defaults import base_config
+from noisy_student.data import preprocess
 from noisy_student.models import model_from_config
 
 UNLABELED = "tfds:digits:train[:600]"
@@ -124,6 +125,19 @@ def test_micro_batched_inference_gives_the_whole_batch_logits(teacher):
     logits = label.make_infer_step(model, mesh, micro_batch)(variables, batch)
     assert logits.sharding == sharding.batch_sharding(mesh)
     np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-5, err_msg=str(micro_batch))
+
+
+def test_infer_step_normalizes_uint8_pixels_itself(teacher):
+  """The job feeds uint8 pixels: the step's logits equal the model's on tf-normalized float images."""
+  from noisy_student import sharding  # pylint: disable=g-import-not-at-top
+  folder, variables = teacher
+  model = model_from_config(_config(folder).model)
+  mesh = sharding.create_mesh()
+  pixels = np.asarray(jax.random.randint(jax.random.key(2), (2 * jax.device_count(), 16, 16, 3), 0, 256),
+                      np.uint8)
+  expected = np.asarray(model.apply(variables, preprocess.normalize(tf.constant(pixels)).numpy(), train=False))
+  logits = label.make_infer_step(model, mesh, 1)(variables, jax.device_put(pixels, sharding.batch_sharding(mesh)))
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-5)
 
 
 def _cli(workdir, teacher_dir, *extra):
