@@ -186,6 +186,9 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   num_batches = pipeline.eval_num_batches(source, local)
   if lc.shards_per_process < 1:
     raise ValueError(f"config.label.shards_per_process={lc.shards_per_process} must be >= 1.")
+  if lc.micro_batch < 0:
+    raise ValueError(f"config.label.micro_batch={lc.micro_batch} must be >= 0 (images per forward pass "
+                     f"within a device's rows; 0 picks automatically).")
   per_process = min(lc.shards_per_process, num_batches)
   count = per_process * source.process_count
   first = source.process_index * per_process
@@ -197,8 +200,9 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     (folder / STATS_FILE).unlink()  # an older manifest must not vouch for shards being rewritten
 
   if start_shard < per_process:
-    logging.info("Labeling %s: %d batches of %d on %d processes, %d shards.", source.spec, num_batches,
-                 global_batch, source.process_count, count)
+    logging.info("Labeling %s: %d batches of %d on %d processes, %d shards, forward passes of %d images "
+                 "per device.", source.spec, num_batches, global_batch, source.process_count, count,
+                 fingerprint["micro_batch"])
     if start_shard:
       logging.info("Shards before %d of each process are complete: resuming at shard %d.", start_shard,
                    start_shard)
@@ -247,11 +251,12 @@ def _run(config, variables, model, mesh, source, folder, global_batch, num_batch
       shard_writer = _ShardWriter(folder, first + j, count, num_classes, lc.num_bins, fingerprint)
     local = np.asarray(multihost_utils.global_array_to_host_local_array(logits, mesh, batch_spec))
     probs = pseudo_labels.soft_labels(local, lc.temperature)
+    tops = np.argmax(probs, axis=-1)  # the records' label / confidence, for the shard's statistics
+    confidences = np.take_along_axis(probs, tops[:, None], axis=-1)[:, 0]
     for i in np.nonzero(raw["mask"])[0]:
       record = pseudo_labels.make_example(raw["encoded"][i], raw["key"][i], probs[i], top_k=lc.top_k,
                                           hard=lc.hard)
-      top = int(np.argmax(probs[i]))
-      shard_writer.write(record, top, float(probs[i, top]))
+      shard_writer.write(record, int(tops[i]), float(confidences[i]))
     images += int(raw["mask"].sum())
     if b + 1 == bounds[j + 1]:
       shard_writer.finish()

@@ -246,6 +246,7 @@ def test_eval_batches_in_uint8_normalize_to_the_float_batches(data_dir):
                                       with_raw=True).as_numpy_iterator())
   pixels = list(pipeline.eval_dataset(src, batch_size=16, num_batches=3, image_size=8, crop="resize",
                                       with_raw=True, normalize=False).as_numpy_iterator())
+  assert len(floats) == len(pixels) == 3
   for f, u in zip(floats, pixels):
     assert u["image"].dtype == np.uint8 and f["image"].dtype == np.float32
     real = f["mask"]  # padding rows are zeros in both dtypes, not normalized zeros

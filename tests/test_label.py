@@ -222,6 +222,10 @@ def test_missing_teacher_and_wrong_class_count_are_clear_errors(teacher, tmp_pat
   with pytest.raises(checkpoint.CheckpointMismatchError,
                      match=r"exported variables in .*export does not match the model.*classifier/kernel"):
     label.label(c, str(tmp_path / "out2"))
+  c = _config(teacher[0])
+  c.label.micro_batch = -1
+  with pytest.raises(ValueError, match=r"config.label.micro_batch=-1 must be >= 0"):
+    label.label(c, str(tmp_path / "out3"))
 
 
 def test_rerun_with_other_settings_rewrites_every_shard(teacher, one_process_labels, tmp_path):

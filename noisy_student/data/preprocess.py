@@ -107,16 +107,20 @@ _MEAN = np.asarray(MEAN_RGB, np.float32)
 _INV_STDDEV = np.float32(1.0) / np.asarray(STDDEV_RGB, np.float32)
 
 
+def _standardize(pixels):
+  """float32 pixels (tf, numpy or jax) -> ImageNet-standardized: the one formula both paths share."""
+  return (pixels - _MEAN) * _INV_STDDEV
+
+
 def normalize(image: tf.Tensor) -> tf.Tensor:
   """uint8 RGB -> float32, ImageNet mean/std (in 0..255 units), as the official models expect."""
-  image = tf.cast(image, tf.float32)
-  return (image - tf.constant(_MEAN)) * tf.constant(_INV_STDDEV)
+  return _standardize(tf.cast(image, tf.float32))
 
 
 def normalize_pixels(images):
   """`normalize` for numpy or jax arrays (e.g. inside a jitted step, where it fuses into the stem): the
   same float32 values, so a pipeline can ship uint8 and leave the arithmetic to the device."""
-  return (images.astype(np.float32) - _MEAN) * _INV_STDDEV
+  return _standardize(images.astype(np.float32))
 
 
 TRAIN_CROPS = ("inception", "pad_crop", "resize")
