@@ -65,12 +65,14 @@ def test_unknown_model_or_option_is_a_clear_error():
 @pytest.mark.parametrize("size", [7, 8, 15, 16])
 @pytest.mark.parametrize("kernel", [3, 5])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_convolutions_match_tensorflow_same_padding(size, kernel, stride):
+@pytest.mark.parametrize("channels", [3, 6])  # 3: the stem's direct multiply-adds; 6: im2col
+def test_convolutions_match_tensorflow_same_padding(size, kernel, stride, channels):
   tf = pytest.importorskip("tensorflow")
-  rng = np.random.default_rng(size * 100 + kernel * 10 + stride)
-  x = rng.normal(size=(2, size, size + 1, 6)).astype(np.float32)
-  dw = rng.normal(size=(kernel, kernel, 6, 1)).astype(np.float32)
-  full = rng.normal(size=(kernel, kernel, 6, 5)).astype(np.float32)
+  assert (channels <= ops.DIRECT_MAX_IN_CHANNELS) == (channels == 3)
+  rng = np.random.default_rng(size * 100 + kernel * 10 + stride + channels * 1000)
+  x = rng.normal(size=(2, size, size + 1, channels)).astype(np.float32)
+  dw = rng.normal(size=(kernel, kernel, channels, 1)).astype(np.float32)
+  full = rng.normal(size=(kernel, kernel, channels, 5)).astype(np.float32)
   tf_dw = tf.nn.depthwise_conv2d(x, dw, [1, stride, stride, 1], "SAME").numpy()
   tf_full = tf.nn.conv2d(x, full, stride, "SAME").numpy()
   for impl in ("xla", "shifted"):
@@ -93,6 +95,24 @@ def test_depthwise_implementations_agree_on_values_and_gradients(size, kernel, s
     out, vjp = jax.vjp(lambda x, w: ops.depthwise_conv2d(x, w, stride, impl), x, w)
     results[impl] = (out, *vjp(g))
   assert_trees_close(results["shifted"], results["xla"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("size,stride", [(9, 1), (10, 2), (11, 2)])
+def test_few_channel_convolution_gradients_match_xla(size, stride):
+  # The stem's direct form has a hand-written VJP (that of im2col + matmul).
+  keys = jax.random.split(jax.random.key(size), 3)
+  x = jax.random.normal(keys[0], (2, size, size + 1, 3))
+  w = jax.random.normal(keys[1], (3, 3, 3, 7))
+  out_shape = jax.eval_shape(lambda x, w: ops.conv2d(x, w, stride, "xla"), x, w).shape
+  g = jax.random.normal(keys[2], out_shape)
+  results = {}
+  for impl in ("xla", "shifted"):
+    out, vjp = jax.vjp(lambda x, w: ops.conv2d(x, w, stride, impl), x, w)
+    results[impl] = (out, *vjp(g))
+  assert_trees_close(results["shifted"], results["xla"], rtol=1e-5)
+  # and without gradients the direct form gives the same outputs
+  assert_trees_close(jax.jit(lambda x, w: ops.conv2d(x, w, stride, "shifted"))(x, w), results["xla"][0],
+                     rtol=1e-5)
 
 
 def test_fused_batch_norm_matches_autodiff_of_the_textbook_formula():
