@@ -61,7 +61,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> jax.Array
   """Convolution with TF 'SAME' padding; kernel is HWIO.
 
   1x1 stride-1 convolutions are matmuls over the flattened pixels on every
-  backend; a kxk convolution is im2col + matmul in the 'shifted' form.
+  backend; in the 'shifted' form a kxk convolution is im2col + matmul, or,
+  over at most DIRECT_MAX_IN_CHANNELS inputs and without gradients, direct
+  multiply-adds.
   """
   kh, kw, cin, cout = kernel.shape
   if kh == kw == 1 and stride == 1:
