@@ -151,16 +151,23 @@ def _depthwise_padded(xp, kernel, stride, out_h, out_w):
   return out
 
 
+def _depthwise_shifted_passes(x, kernel, stride, barrier: bool):
+  """(output, padded input). With `barrier` the padded input is materialized once (see the primal)."""
+  kh, kw = kernel.shape[:2]
+  xp = _pad_same(x, kh, kw, stride)
+  if barrier:
+    xp = lax.optimization_barrier(xp)
+  out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+  return _depthwise_padded(xp, kernel, stride, out_h, out_w), xp
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise_shifted(x, kernel, stride, size):
   # Without gradients (inference), the padded input is materialized once: left to itself XLA reads the
   # centre tap from the unpadded input instead, which it then recomputes from x's producer (batch norm,
   # swish) inside the sum, and writes the sigmoid out separately for both uses: 1.2x the bytes moved.
   del size
-  kh, kw = kernel.shape[:2]
-  xp = lax.optimization_barrier(_pad_same(x, kh, kw, stride))
-  out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
-  return _depthwise_padded(xp, kernel, stride, out_h, out_w)
+  return _depthwise_shifted_passes(x, kernel, stride, barrier=True)[0]
 
 
 def _depthwise_shifted_fwd(x, kernel, stride, size):
@@ -168,10 +175,8 @@ def _depthwise_shifted_fwd(x, kernel, stride, size):
   # The padded input is what both passes read, so it is the residual: XLA
   # writes it once, fused with whatever produced x, and the backward pass
   # does not pad again.
-  kh, kw = kernel.shape[:2]
-  xp = _pad_same(x, kh, kw, stride)
-  out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
-  return _depthwise_padded(xp, kernel, stride, out_h, out_w), (xp, kernel)
+  out, xp = _depthwise_shifted_passes(x, kernel, stride, barrier=False)
+  return out, (xp, kernel)
 
 
 def _depthwise_shifted_bwd(stride, size, residuals, g):
