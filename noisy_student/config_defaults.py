@@ -30,6 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
   # fsdp: devices per model replica on the mesh's 'fsdp' axis; param_sharding 'fsdp' shards large arrays over
   # it (L0-L2), 'replicate' keeps a full copy per device.
   c.mesh = dict(fsdp=1, param_sharding="replicate")
+  # Robustness suites evaluated after training and in mode='evaluate' (evaluate.SUITES: imagenet_a,
+  # imagenet_r, imagenet_v2, imagenet_c); ImageNet-C corruptions / severities: comma lists, '' = all.
+  c.evaluate = dict(suites="", imagenet_c_corruptions="", imagenet_c_severities="")
   # mode='label': the teacher (config.model) from teacher_workdir/export over data.unlabeled_source.
   # micro_batch: images per forward pass within a device's rows (0: ~8 at 224 px on CPU, all elsewhere).
   c.label = dict(teacher_workdir="", temperature=1.0, hard=False, top_k=0, batch=0, micro_batch=0,

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from flax import traverse_util
 
-from noisy_student import checkpoint, label as label_lib, outputs, train
+from noisy_student import checkpoint, evaluate as evaluate_lib, label as label_lib, outputs, train
 
 DONE = "DONE"
 STAGE_CONFIG = "stage_config.json"
@@ -148,7 +148,8 @@ def _teacher_from_checkpoint(config, folder: epath.Path) -> Dict[str, Any]:
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
   source = data_lib.open_source(config.data.eval, data_dir=config.data.data_dir or None,
                                 num_classes=config.model.num_classes)
-  return trainer_loop.evaluate(train.make_eval_step(model, mesh), variables, source, config, mesh)
+  result = trainer_loop.evaluate(evaluate_lib.make_eval_step(model, mesh), variables, source, config, mesh)
+  return dict(result, **trainer_loop.robustness(model, variables, config, mesh))
 
 
 def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -183,7 +184,8 @@ def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                  "model": stage_config.model.name, "result": result})
     previous = stage
   summary = {"stages": [{"name": r["name"], "model": r["model"], "iteration": r["iteration"],
-                         "eval": {k: r["result"][k] for k in ("top1", "top5")}}
+                         "eval": {k: r["result"][k] for k in ("top1", "top5", "robustness")
+                                  if k in r["result"]}}
                         for r in rows if r["kind"] != "labels"],
              "labels": [{"name": r["name"], **r["result"]} for r in rows if r["kind"] == "labels"]}
   if jax.process_index() == 0:

@@ -28,6 +28,15 @@ def create_mesh(data: Optional[int] = None, fsdp: int = 1,
                        devices=devices)
 
 
+def check_auto_axes(mesh: Mesh) -> None:
+  """Steps are written for Auto axes: the classic jit-with-NamedSharding model, where XLA propagates
+  shardings and a reduction over the batch (loss mean, BN statistics, eval counts) is a global one.
+  Explicit axes (jax.make_mesh's default in 0.10) put shardings into types; not tested under."""
+  if any(t != AxisType.Auto for t in mesh.axis_types):
+    raise ValueError(f"steps expect a mesh with AxisType.Auto axes (sharding.create_mesh); got "
+                     f"{dict(zip(mesh.axis_names, mesh.axis_types))}.")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over both mesh axes, the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

@@ -1,4 +1,4 @@
-"""Training library: train state, the paper's loss and optimization recipe, sharded train / eval steps.
+"""Training library: train state, the paper's loss and optimization recipe, the sharded train step.
 
 One code path for every scale (../shared/DESIGN.md, "Parallelism"): `jax.jit` over a ('data', 'fsdp') mesh with
 `NamedSharding`, the batch split over both axes, the state replicated and donated. Batch-norm statistics are
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from noisy_student import sharding
 
@@ -241,15 +241,6 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Modul
   return new_state, metrics
 
 
-def _check_mesh(mesh: Mesh) -> None:
-  # Auto axes: the classic jit-with-NamedSharding model, where XLA propagates shardings and a reduction over
-  # the batch (loss mean, BN statistics) is a global one. Explicit axes (jax.make_mesh's default in 0.10) put
-  # shardings into types, which this code does not need and is not tested under.
-  if any(t != AxisType.Auto for t in mesh.axis_types):
-    raise ValueError(f"train steps expect a mesh with AxisType.Auto axes (sharding.create_mesh); got "
-                     f"{dict(zip(mesh.axis_names, mesh.axis_types))}.")
-
-
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
                     label_smoothing: float = 0.1, ema_decay: float = 0.9999,
                     schedule: Optional[optax.Schedule] = None,
@@ -257,48 +248,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
   """`train_step` jitted over `mesh`: batch sharded over ('data', 'fsdp'), state donated and kept in
   `state_shardings` (a pytree of shardings like the state's, e.g. `jax.tree.map(lambda x: x.sharding,
   state)` of an fsdp state; default: replicated)."""
-  _check_mesh(mesh)
+  sharding.check_auto_axes(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   state_sharding = replicated if state_shardings is None else state_shardings
   step = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
                            ema_decay=ema_decay, schedule=schedule)
   return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-
-
-def eval_step(variables: Mapping[str, Any], batch: Mapping[str, Array], *, model: nn.Module) -> Metrics:
-  """Correct top-1 / top-5 counts and the example count over real (mask=1) rows, summed over the batch."""
-  logits = model.apply(variables, batch["image"], train=False)
-  labels = batch["label"].astype(jnp.int32)
-  mask = batch["mask"].astype(jnp.float32)
-  top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  k = min(5, logits.shape[-1])
-  _, topk = jax.lax.top_k(logits, k)
-  top5 = jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
-  return {"top1_correct": jnp.sum(top1 * mask), "top5_correct": jnp.sum(top5 * mask),
-          "count": jnp.sum(mask)}
-
-
-def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable:
-  """`eval_step(variables, batch)` jitted over `mesh`; pass `eval_variables(state)` for the EMA weights."""
-  _check_mesh(mesh)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  # Variables keep whatever sharding they have (replicated, or fsdp-sharded EMA weights).
-  return jax.jit(functools.partial(eval_step, model=model),
-                 in_shardings=(None, sharding.batch_sharding(mesh)), out_shardings=replicated)
-
-
-def accumulate_eval(totals: Optional[Dict[str, float]], counts: Mapping[str, Array]) -> Dict[str, float]:
-  """Adds one batch's counts on the host (float64, so exact for any split size)."""
-  counts = {k: float(v) for k, v in jax.device_get(counts).items()}
-  if totals is None:
-    return counts
-  return {k: totals[k] + counts[k] for k in totals}
-
-
-def eval_summary(totals: Mapping[str, float]) -> Dict[str, float]:
-  n = max(totals["count"], 1.0)
-  return {"top1": totals["top1_correct"] / n, "top5": totals["top5_correct"] / n, "count": totals["count"]}
 
 
 # ----------------------------------------------------------------------------- host loop helpers

@@ -22,6 +22,7 @@ from etils import epath
 from flax import traverse_util
 
 from noisy_student import checkpoint, outputs, sharding
+from noisy_student import evaluate as evaluate_lib
 from noisy_student import train as train_lib
 from noisy_student import data as data_lib
 from noisy_student.models import model_from_config
@@ -109,13 +110,23 @@ def _whole(config: ml_collections.ConfigDict) -> Dict[str, int]:
 
 
 def evaluate(eval_step, variables, source, config, mesh) -> Dict[str, float]:
-  """Top-1 / top-5 of `variables` over the whole eval source (exact on any device count)."""
-  totals = None
-  for batch in data_lib.eval_iterator(source, global_batch=config.data.eval_batch,
-                                      image_size=config.model.image_size,
-                                      crop=config.data.get("eval_crop", "center"), mesh=mesh):
-    totals = train_lib.accumulate_eval(totals, eval_step(variables, batch))
-  return train_lib.eval_summary(totals)
+  """Top-1 / top-5 of `variables` over the whole eval source, at config's eval batch, size and crop."""
+  return evaluate_lib.evaluate(eval_step, variables, source, global_batch=config.data.eval_batch,
+                               image_size=config.model.image_size,
+                               crop=config.data.get("eval_crop", "center"), mesh=mesh)
+
+
+def robustness(model, variables, config, mesh) -> Dict[str, Any]:
+  """{'robustness': per-suite results} for config.evaluate.suites (evaluate.py), or {} when none are set."""
+  if not config.evaluate.suites:
+    return {}
+  return {"robustness": evaluate_lib.robustness(model, variables, config, mesh)}
+
+
+def _eval_scalars(result: Dict[str, Any]) -> Dict[str, float]:
+  """eval/top1, eval/robustness/imagenet_c/mce, ...: every number of an eval result, for the writers."""
+  flat = traverse_util.flatten_dict(result, sep="/")
+  return {f"eval/{k}": float(v) for k, v in flat.items() if isinstance(v, (int, float))}
 
 
 class _Preemption:
@@ -206,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   train_step = train_lib.make_train_step(model, tx, mesh, label_smoothing=opt.label_smoothing,
                                          ema_decay=opt.ema_decay, schedule=schedule,
                                          state_shardings=jax.tree.map(lambda x: x.sharding, state))
-  eval_step = train_lib.make_eval_step(model, mesh)
+  eval_step = evaluate_lib.make_eval_step(model, mesh)
   global_batch = config.data.labeled_batch * (1 + (config.data.ratio if unlabeled is not None else 0))
   batches = data_lib.train_iterator(
       labeled, labeled_batch=config.data.labeled_batch, image_size=config.model.image_size,
@@ -255,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           save(step)
         if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < total_steps:
           result = evaluate(eval_step, train_lib.eval_variables(state), eval_source, config, mesh)
-          writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+          writer.write_scalars(step, _eval_scalars(result))
         # Multi-host: poll (a collective) only at log steps, so all processes stop at the same step.
         if (jax.process_count() == 1 or step % log_every == 0) and preemption.agreed():
           if manager.latest_step() != step:  # unless the periodic save just wrote this step
@@ -267,7 +278,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if manager.latest_step() != step:
       save(step, force=True)
     result = evaluate(eval_step, train_lib.eval_variables(state), eval_source, config, mesh)
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+    result = dict(result, **robustness(model, train_lib.eval_variables(state), config, mesh))
+    writer.write_scalars(step, _eval_scalars(result))
     result = dict(result, step=step)
     checkpoint.save_inference_variables(str(workdir / checkpoint.EXPORT_DIR), train_lib.eval_variables(state))
     _write_json(workdir / EVAL_FILE, result)
@@ -294,7 +306,8 @@ def _mean(metrics_list) -> Dict[str, float]:
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Optional[Dict[str, float]]:
-  """mode='evaluate': the latest checkpoint's EMA weights on config.data.eval, written to eval.json."""
+  """mode='evaluate': the latest checkpoint's EMA weights on config.data.eval and the robustness suites of
+  config.evaluate.suites, written to eval.json."""
   workdir = epath.Path(workdir)
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
   model = build_model(config, config.model.num_classes)
@@ -307,8 +320,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Opti
     raise FileNotFoundError(f"No checkpoint in {workdir / CHECKPOINT_DIR} to evaluate.")
   source = data_lib.open_source(config.data.eval, data_dir=_opt(config.data.data_dir),
                                 num_classes=config.model.num_classes)
-  result = evaluate(train_lib.make_eval_step(model, mesh), train_lib.eval_variables(state), source, config,
-                    mesh)
-  result = dict(result, step=int(jax.device_get(state.step)))
+  variables = train_lib.eval_variables(state)
+  result = evaluate(evaluate_lib.make_eval_step(model, mesh), variables, source, config, mesh)
+  result = dict(result, **robustness(model, variables, config, mesh), step=int(jax.device_get(state.step)))
   _write_json(workdir / EVAL_FILE, result)
   return result

@@ -228,24 +228,6 @@ def test_loss_is_smoothed_ce_on_labeled_plus_soft_ce_on_pseudo_labeled():
   assert float(metrics["accuracy"]) == 0.5  # row 0 right, row 2 wrong; row 1 not counted
 
 
-def test_eval_counts_are_exact_and_sharding_independent():
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(16, NUM_CLASSES)).astype(np.float32)
-  order = np.argsort(-logits, axis=-1)
-  labels = np.concatenate([order[:6, 0], order[6:10, 3], order[10:, 7]])  # 6 top-1, 10 top-5
-  mask = np.ones(16, bool)
-  mask[[0, 7, 15]] = False  # padding rows: one top-1 hit, one top-5 hit, one miss
-  batch = {"image": np.zeros((16, 1, 1, 3), np.float32), "label": labels, "mask": mask}
-  expected = {"top1_correct": 5.0, "top5_correct": 8.0, "count": 13.0}
-  model = FixedLogits(logits)
-  assert {k: float(v) for k, v in train.eval_step({}, batch, model=model).items()} == expected
-  mesh = sharding.create_mesh(4, 2)
-  counts = train.make_eval_step(model, mesh)({}, sharding.host_to_global(batch, mesh))
-  totals = train.accumulate_eval(train.accumulate_eval(None, counts), counts)
-  assert totals == {k: 2 * v for k, v in expected.items()}
-  assert train.eval_summary(totals) == {"top1": 5 / 13, "top5": 8 / 13, "count": 26.0}
-
-
 def test_non_finite_loss_raises_naming_the_step():
   train.check_finite(jnp.float32(1.5), 3)
   with pytest.raises(FloatingPointError, match="at step 7"):
