@@ -19,8 +19,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = dict(labeled="", unlabeled="", unlabeled_source="", eval="", ratio=0, labeled_batch=2048,
                 eval_batch=1024, randaugment_layers=0, randaugment_magnitude=0.0, crop="inception",
                 eval_crop="center", flip=True, data_dir="", global_order=False)
+  # frozen: regex over parameter paths ('blocks_3/expand_conv/kernel') that get no updates (fine-tuning).
   c.optimizer = dict(name="rmsprop", base_lr=0.016, weight_decay=1e-5, warmup_epochs=5.0,
-                     schedule="exponential", ema_decay=0.9999, label_smoothing=0.1)
+                     schedule="exponential", ema_decay=0.9999, label_smoothing=0.1, frozen="")
+  # init_from: an exported model (WORKDIR/export of a finished run) whose weights a fresh run starts from.
+  c.init_from = ""
   c.num_train_steps = 0  # > 0 overrides num_epochs
   c.num_epochs = 350.0
   c.log_every_steps = 100

@@ -12,6 +12,7 @@ label smoothing 0.1 on labeled images and soft cross-entropy on pseudo-labeled o
 """
 
 import functools
+import re
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax
@@ -85,19 +86,41 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
+def parameter_names(params: Any) -> Any:
+  """The pytree of '/'-joined parameter paths, e.g. 'blocks_3/expand_conv/kernel'."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "/".join(str(getattr(k, "key", k)) for k in path), params)
+
+
+def frozen_labels(pattern: str) -> Callable[[Any], Any]:
+  """params -> 'frozen' where the regex `pattern` matches (re.search) the parameter's path, else 'train'."""
+  regex = re.compile(pattern)
+  return lambda params: jax.tree.map(lambda name: "frozen" if regex.search(name) else "train",
+                                     parameter_names(params))
+
+
 def create_optimizer(name: str, schedule: optax.ScalarOrSchedule, weight_decay: float = 1e-5, *,
                      momentum: float = 0.9, rmsprop_decay: float = 0.9, epsilon: float = 1e-3,
-                     nesterov: bool = False) -> optax.GradientTransformation:
+                     nesterov: bool = False, frozen: str = "") -> optax.GradientTransformation:
   """'rmsprop' (TF-style), 'sgd' (momentum, optional Nesterov) or 'adamw'.
 
   For rmsprop and sgd the weight decay is `optax.add_decayed_weights` *before* the optimizer, i.e. the
   gradient of TF's `weight_decay * sum(v**2) / 2` loss term: the same update as the official code. For adamw
   it is AdamW's decoupled decay (scaled by the learning rate). Either way batch-norm parameters are exempt.
+  `frozen`: a regex over parameter paths (`parameter_names`) whose parameters get no update at all (FixRes-
+  style fine-tuning keeps the shallow layers fixed); their batch-norm statistics still follow the data.
 
   TF's RMSProp is `mom = m * mom + lr * g / sqrt(ms + eps)` with ms initialised to 1; optax's rmsprop with
   eps_in_sqrt and initial_scale=1 matches it except that lr multiplies after the momentum (identical for a
   constant lr, a tiny difference while the lr changes).
   """
+  tx = _optimizer(name, schedule, weight_decay, momentum, rmsprop_decay, epsilon, nesterov)
+  if not frozen:
+    return tx
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen_labels(frozen))
+
+
+def _optimizer(name, schedule, weight_decay, momentum, rmsprop_decay, epsilon, nesterov):
   decay = (optax.add_decayed_weights(weight_decay, mask=weight_decay_mask)
            if weight_decay else optax.identity())
   if name == "rmsprop":

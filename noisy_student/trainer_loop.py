@@ -14,6 +14,7 @@ import time
 from typing import Any, Dict, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -48,7 +49,31 @@ def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, tot
   schedule = train_lib.learning_rate_schedule(opt.base_lr, config.data.labeled_batch, steps_per_epoch,
                                               total_steps, warmup_epochs=opt.warmup_epochs,
                                               schedule=opt.schedule)
-  return schedule, train_lib.create_optimizer(opt.name, schedule, opt.weight_decay)
+  return schedule, train_lib.create_optimizer(opt.name, schedule, opt.weight_decay, frozen=opt.frozen)
+
+
+def check_frozen(pattern: str, params) -> None:
+  """config.optimizer.frozen must name some parameters (a typo would silently train everything) but not
+  all of them."""
+  if not pattern:
+    return
+  labels = jax.tree.leaves(train_lib.frozen_labels(pattern)(params))
+  if "frozen" not in labels or "train" not in labels:
+    names = jax.tree.leaves(train_lib.parameter_names(params))
+    raise ValueError(f"config.optimizer.frozen={pattern!r} matches {labels.count('frozen')} of {len(names)} "
+                     f"parameters; it must match some but not all (names look like {names[0]!r}, "
+                     f"{names[len(names) // 2]!r}).")
+
+
+def initialize_from(state, directory: str):
+  """A fresh train state whose weights (and EMA copies) are an exported model's (WORKDIR/export of a
+  finished run or stage): fine-tuning, e.g. at a larger resolution. Shardings stay the state's."""
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          {"params": state.params, "batch_stats": state.batch_stats})
+  variables = checkpoint.load_inference_variables(directory, template)
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # distinct buffers: the state is donated
+  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                       ema_params=copy(variables["params"]), ema_batch_stats=copy(variables["batch_stats"]))
 
 
 def _train_steps(config, num_examples: int) -> int:
@@ -202,10 +227,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   state = train_lib.create_train_state(model, tx, jax.random.key(config.seed), config.model.image_size,
                                        mesh=mesh, param_sharding=config.mesh.param_sharding)
   manager = checkpoint.create_manager(str(workdir / CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
+  check_frozen(opt.frozen, state.params)
   restored = checkpoint.restore_latest(manager, state)
   if restored is not None:
     state = restored
     logging.info("Restored the train state from step %d in %s.", int(state.step), manager.directory)
+  elif config.init_from:
+    state = initialize_from(state, config.init_from)
+    logging.info("Initialized the weights from %s.", config.init_from)
   start_step = int(jax.device_get(state.step))
 
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)

@@ -113,7 +113,8 @@ def _keys(d, prefix=""):
 
 
 @pytest.mark.parametrize("name,arg", [("imagenet", None), ("imagenet", "model=b7,stage=student"),
-                                      ("imagenet", "model=l2,stage=student"), ("cifar10", None),
+                                      ("imagenet", "model=l2,stage=student"),
+                                      ("imagenet", "model=l2,stage=finetune"), ("cifar10", None),
                                       ("cifar10", "student"), ("svhn", None), ("svhn", "student")])
 def test_configs_build_lock_and_share_the_digits_layout(name, arg):
   from noisy_student.models import MODEL_SPECS  # pylint: disable=g-import-not-at-top
@@ -122,7 +123,8 @@ def test_configs_build_lock_and_share_the_digits_layout(name, arg):
   assert config.model.name in MODEL_SPECS
   with pytest.raises(AttributeError, match="lerning_rate"):
     config.optimizer.lerning_rate = 1.0
-  assert config.optimizer.name == "rmsprop" and config.optimizer.base_lr == 0.016
+  assert config.optimizer.name == "rmsprop"
+  assert config.optimizer.base_lr == (0.0016 if arg and "finetune" in arg else 0.016)
   if name in ("cifar10", "svhn"):
     assert config.model.small_image and config.model.image_size == 32 and config.model.num_classes == 10
   if name == "cifar10":
@@ -138,6 +140,11 @@ def test_imagenet_variants_follow_the_paper():
   assert (b0.data.ratio, b0.num_epochs, b0.model.image_size) == (1, 700, 224)
   teacher = load_config("imagenet")
   assert teacher.data.ratio == 0 and teacher.data.randaugment_layers == 0
+  # The paper's last step for L2: 1.5 epochs at the 800 px test resolution, un-augmented, shallow layers fixed.
+  l2 = load_config("imagenet", "model=l2,stage=finetune")
+  assert (l2.model.image_size, l2.num_epochs, l2.data.crop, l2.data.flip) == (800, 1.5, "center", False)
+  assert l2.data.ratio == 0 and l2.data.randaugment_layers == 0 and l2.optimizer.warmup_epochs == 0
+  assert l2.optimizer.frozen.startswith("^(stem_conv|stem_bn|blocks_0|") and "blocks_28" not in l2.optimizer.frozen
   with pytest.raises(ValueError, match="b9"):
     load_config("imagenet", "model=b9")
 

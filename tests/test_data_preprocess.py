@@ -47,6 +47,17 @@ def test_center_crop_jpeg_and_png_paths_agree(photo):
   np.testing.assert_array_equal(b, manual)
 
 
+def test_center_train_crop_is_the_eval_crop_and_flips_per_seed(photo):
+  """crop='center' (FixRes-style fine-tuning at the test size): the eval crop, mirrored when the seed says so."""
+  jpeg = photo[0]
+  center = preprocess.eval_image(jpeg, 64).numpy()
+  np.testing.assert_array_equal(preprocess.train_image(jpeg, 64, tf.constant([0, 0]), crop="center",
+                                                       flip=False).numpy(), center)
+  flipped = [preprocess.train_image(jpeg, 64, tf.constant([s, 0]), crop="center").numpy() for s in range(8)]
+  assert all(np.array_equal(f, center) or np.array_equal(f, center[:, ::-1]) for f in flipped)
+  assert any(np.array_equal(f, center[:, ::-1]) for f in flipped)
+
+
 def test_inception_crop_windows_respect_constraints(photo):
   shape = tf.constant([375, 500])
   areas, ratios = [], []

@@ -123,7 +123,7 @@ def normalize_pixels(images):
   return _standardize(images.astype(np.float32))
 
 
-TRAIN_CROPS = ("inception", "pad_crop", "resize")
+TRAIN_CROPS = ("inception", "pad_crop", "resize", "center")
 EVAL_CROPS = ("center", "resize")
 
 
@@ -133,8 +133,8 @@ def train_image(encoded, size, seed, crop="inception", flip=True, pad=4):
     return inception_crop(encoded, size, seed, flip=flip)
   if crop == "pad_crop":
     return pad_crop(decode(encoded), size, seed, pad=pad, flip=flip)
-  if crop == "resize":
-    image = resize_whole(encoded, size)
+  if crop in ("resize", "center"):  # 'center': the eval crop, for FixRes-style fine-tuning at test size
+    image = resize_whole(encoded, size) if crop == "resize" else center_crop(encoded, size)
     return tf.image.stateless_random_flip_left_right(image, seed) if flip else image
   raise ValueError(f"Unknown train crop {crop!r}; expected one of {TRAIN_CROPS}.")
 

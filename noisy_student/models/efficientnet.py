@@ -249,6 +249,13 @@ def block_table(width: float, depth: float, small_image: bool = False,
   return tuple(flat)
 
 
+def shallow_layers_pattern(depth: float, stages: int) -> str:
+  """Regex over parameter paths matching the stem and the blocks of the first `stages` stages of a model of
+  depth coefficient `depth` (config.optimizer.frozen for FixRes-style fine-tuning)."""
+  num_blocks = sum(round_repeats(b.repeats, depth) for b in B0_BLOCKS[:stages])
+  return "^(" + "|".join(["stem_conv", "stem_bn"] + [f"blocks_{i}" for i in range(num_blocks)]) + ")/"
+
+
 class EfficientNet(nn.Module):
   """EfficientNet classifier: NHWC normalized float images -> float32 logits.
 
