@@ -151,11 +151,11 @@ def mean_corruption_error(top1: Mapping[str, Mapping[int, float]]) -> Dict[str, 
 
 def _names(value: str, known: Sequence[Any], key: str, cast=str) -> list:
   """A comma list from the config, checked against the known names; '' means all of them."""
-  names = [cast(v.strip()) for v in str(value).split(",") if v.strip()] or list(known)
-  unknown = [n for n in names if n not in known]
+  given = [v.strip() for v in str(value).split(",") if v.strip()]
+  unknown = [v for v in given if v not in map(str, known)]
   if unknown:
     raise ValueError(f"config.evaluate.{key}: unknown {unknown}; known: {', '.join(map(str, known))}.")
-  return names
+  return [cast(v) for v in given] or list(known)
 
 
 def robustness(model, variables: Any, config, mesh: Mesh) -> Dict[str, Any]:

@@ -176,3 +176,6 @@ def test_unknown_suite_or_corruption_is_an_error_naming_the_key(suite_config):
   suite_config.evaluate.update(suites="imagenet_c", imagenet_c_corruptions="fog,rain")
   with pytest.raises(ValueError, match=r"config.evaluate.imagenet_c_corruptions: unknown \['rain'\]"):
     evaluate.robustness(model, {}, suite_config, sharding.create_mesh())
+  suite_config.evaluate.update(imagenet_c_corruptions="", imagenet_c_severities="1,six")
+  with pytest.raises(ValueError, match=r"config.evaluate.imagenet_c_severities: unknown \['six'\]"):
+    evaluate.robustness(model, {}, suite_config, sharding.create_mesh())
