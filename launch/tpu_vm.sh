@@ -59,10 +59,11 @@ else
 fi
 run "${tpu[@]}" scp "$archive" "$name:~/noisy_student.tar.gz" "${where[@]}" --worker=all
 
-remote="set -e; rm -rf ~/noisy_student && mkdir -p ~/noisy_student && tar -xzf ~/noisy_student.tar.gz -C ~/noisy_student"
-remote+=" && cd ~/noisy_student && $python -m venv .venv && . .venv/bin/activate"
-remote+=" && pip install -q -e '.[tpu]'"
-remote+=" && nohup python -m noisy_student --distributed${job} < /dev/null > ~/noisy_student.log 2>&1 &"
+# Set-up steps in the foreground (set -e stops at the first failure, and ssh reports it); only the job goes to
+# the background, with every stream redirected, so ssh returns as soon as it has started.
+remote="set -e; rm -rf ~/noisy_student; mkdir -p ~/noisy_student; tar -xzf ~/noisy_student.tar.gz -C ~/noisy_student"
+remote+="; cd ~/noisy_student; $python -m venv .venv; . .venv/bin/activate; pip install -q -e '.[tpu]'"
+remote+="; nohup python -m noisy_student --distributed${job} < /dev/null > ~/noisy_student.log 2>&1 &"
 run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$remote"
 if ((!dry_run)); then
   echo "Started on every worker of $name. Follow it with:"

@@ -54,8 +54,8 @@ def check_compatible(saved: Any, expected: Any, where: str = "the checkpoint") -
   if problems:
     more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
     raise CheckpointMismatchError(
-        f"{where[0].upper()}{where[1:]} does not match the model (a different model, class count or "
-        f"optimizer?): " + "; ".join(problems[:5]) + more)
+        f"{where[0].upper()}{where[1:]} does not match the model (a different model, class count, "
+        f"optimizer or config.optimizer.frozen?): " + "; ".join(problems[:5]) + more)
 
 
 def restore_latest(manager: ocp.CheckpointManager, template: Any) -> Optional[Any]:

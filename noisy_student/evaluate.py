@@ -57,7 +57,8 @@ IMAGENET_C_CORRUPTIONS = tuple(ALEXNET_CORRUPTION_ERROR)
 IMAGENET_C_SEVERITIES = (1, 2, 3, 4, 5)
 
 # Suite name -> (tfds source, class subset of the 1000-way logits, eval crop). ImageNet-C's images are
-# already 224x224 crops, so they are resized whole rather than center-cropped again.
+# already 224x224 crops, so they are resized whole to the model's size rather than center-cropped again (the
+# paper evaluates L2 there at its training size, not the fine-tuned 800).
 SUITES = {
     "imagenet_a": ("tfds:imagenet_a:test", IMAGENET_A_CLASSES, "center"),
     "imagenet_r": ("tfds:imagenet_r:test", IMAGENET_R_CLASSES, "center"),
@@ -134,9 +135,10 @@ def evaluate(step: Callable, variables: Any, source: data_lib.Source, *, global_
 def mean_corruption_error(top1: Mapping[str, Mapping[int, float]]) -> Dict[str, Any]:
   """ImageNet-C's corruption errors from top-1 accuracies {corruption: {severity: top1}}.
 
-  Returns each corruption's CE (its errors summed over severities / AlexNet's), and 'mce', their mean over
-  the 15 benchmark corruptions, when all of them were evaluated at all five severities; a partial run gets
-  'mce_partial' over what it has instead, so the two are never confused.
+  Returns each corruption's CE (its errors summed over severities / AlexNet's) as 'ce', and 'mce', their mean
+  over the 15 benchmark corruptions, when all of them were evaluated at all five severities (fractions: the
+  paper's 28.3 is 0.283). A partial run gets 'ce_partial' / 'mce_partial' (its mean error over the severities
+  it has, over AlexNet's over all five), so the two are never confused.
   """
   errors = {}
   for corruption, by_severity in top1.items():
@@ -146,7 +148,8 @@ def mean_corruption_error(top1: Mapping[str, Mapping[int, float]]) -> Dict[str, 
     errors[corruption] = float(mean_error / ALEXNET_CORRUPTION_ERROR[corruption])
   complete = (set(top1) == set(IMAGENET_C_CORRUPTIONS)
               and all(set(s) == set(IMAGENET_C_SEVERITIES) for s in top1.values()))
-  return {"ce": errors, ("mce" if complete else "mce_partial"): float(np.mean(list(errors.values())))}
+  suffix = "" if complete else "_partial"
+  return {f"ce{suffix}": errors, f"mce{suffix}": float(np.mean(list(errors.values())))}
 
 
 def _names(value: str, known: Sequence[Any], key: str, cast=str) -> list:
@@ -158,20 +161,24 @@ def _names(value: str, known: Sequence[Any], key: str, cast=str) -> list:
   return [cast(v) for v in given] or list(known)
 
 
+def parse_suites(config) -> Dict[str, Any]:
+  """config.evaluate's suites, ImageNet-C corruptions and severities, checked (errors name the key)."""
+  ec = config.evaluate
+  return {"suites": _names(ec.suites, tuple(SUITES), "suites") if ec.suites.strip() else [],
+          "corruptions": _names(ec.imagenet_c_corruptions, IMAGENET_C_CORRUPTIONS, "imagenet_c_corruptions"),
+          "severities": _names(ec.imagenet_c_severities, IMAGENET_C_SEVERITIES, "imagenet_c_severities", int)}
+
+
 def robustness(model, variables: Any, config, mesh: Mesh) -> Dict[str, Any]:
   """The suites of config.evaluate.suites (comma list of SUITES) for eval-mode `variables`.
 
   Each suite's tfds dataset must be prepared (`tfds build`), as for any source; results are keyed by suite.
   """
-  ec = config.evaluate
-  suites = _names(ec.suites, tuple(SUITES), "suites") if ec.suites.strip() else []
-  # Every key is checked before anything runs, so a typo does not surface after hours of evaluation.
-  corruptions = _names(ec.imagenet_c_corruptions, IMAGENET_C_CORRUPTIONS, "imagenet_c_corruptions")
-  severities = _names(ec.imagenet_c_severities, IMAGENET_C_SEVERITIES, "imagenet_c_severities", int)
+  parsed = parse_suites(config)
   data_dir = config.data.data_dir or None
   size, batch = config.model.image_size, config.data.eval_batch
   results = {}
-  for suite in suites:
+  for suite in parsed["suites"]:
     spec, classes, crop = SUITES[suite]
     step = make_eval_step(model, mesh, classes)
     run = lambda spec: evaluate(step, variables, data_lib.open_source(spec, data_dir=data_dir), mesh=mesh,
@@ -179,8 +186,8 @@ def robustness(model, variables: Any, config, mesh: Mesh) -> Dict[str, Any]:
     if suite != "imagenet_c":
       results[suite] = run(spec)
       continue
-    top1 = {c: {s: run(spec.format(corruption=c, severity=s))["top1"] for s in severities}
-            for c in corruptions}
+    top1 = {c: {s: run(spec.format(corruption=c, severity=s))["top1"] for s in parsed["severities"]}
+            for c in parsed["corruptions"]}
     results[suite] = dict(mean_corruption_error(top1), top1={f"{c}_{s}": v for c, by_s in top1.items()
                                                              for s, v in by_s.items()})
   return results

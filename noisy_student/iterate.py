@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from flax import traverse_util
 
 from noisy_student import checkpoint, evaluate as evaluate_lib, label as label_lib, outputs, train
+from noisy_student.config_defaults import base_config
 
 DONE = "DONE"
 STAGE_CONFIG = "stage_config.json"
@@ -53,6 +54,10 @@ def _per_iteration(value: str, n: int, what: str) -> List[str]:
 def plan(config: ml_collections.ConfigDict) -> List[Stage]:
   """Every stage of the loop with its own config (derived from `config`; nothing else is read)."""
   it = config.iterate
+  if config.init_from or config.optimizer.frozen:
+    raise ValueError("config.init_from / config.optimizer.frozen are for fine-tuning one model "
+                     "(mode=train); the loop trains every stage from scratch (its first teacher may start from "
+                     "an official checkpoint: config.iterate.teacher_checkpoint).")
   models = _per_iteration(it.student_models, it.num_iterations, "student_models")
   sizes = _per_iteration(it.student_image_sizes, it.num_iterations, "student_image_sizes")
   teacher = _copy(config)
@@ -106,7 +111,7 @@ class StageConfigMismatchError(ValueError):
 
 # Keys that change how a run reports, not what it computes: a rerun may change them.
 # Paths derived from the workdir may differ (a relative --workdir, a copied workdir), and num_iterations may
-# grow to extend a finished loop.
+# grow to extend a finished loop. evaluate.* (which robustness suites are reported) may change too.
 _RERUN_MAY_CHANGE = {"log_every_steps", "eval_every_steps", "keep_checkpoints", "label.log_every_batches",
                      "label.log_every_secs", "label.teacher_workdir", "data.unlabeled",
                      "iterate.num_iterations"}
@@ -120,10 +125,13 @@ def _check_same_config(folder: epath.Path, config: ml_collections.ConfigDict) ->
     return
   before = traverse_util.flatten_dict(outputs.read_json(path), sep=".")
   now = traverse_util.flatten_dict(json.loads(config.to_json()), sep=".")
+  # A key the saved config lacks (added to the code since) had its default value then.
+  defaults = traverse_util.flatten_dict(json.loads(base_config().to_json()), sep=".")
   changed = sorted(k for k in set(before) | set(now)
-                   if before.get(k) != now.get(k) and k not in _RERUN_MAY_CHANGE)
+                   if before.get(k, defaults.get(k)) != now.get(k) and k not in _RERUN_MAY_CHANGE
+                   and not k.startswith("evaluate."))
   if changed:
-    details = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+    details = "; ".join(f"{k}: {before.get(k, defaults.get(k))!r} -> {now.get(k)!r}" for k in changed[:5])
     raise StageConfigMismatchError(f"{folder} was run with another config ({details}). Resume with the same "
                                    "config, or use a new workdir.")
 
@@ -200,11 +208,25 @@ def _plain(result: Dict[str, Any]) -> Dict[str, Any]:
               else v) for k, v in result.items()}
 
 
+def _robustness_columns(evaluation: Dict[str, Any]) -> Dict[str, float]:
+  """One headline number (percent) per robustness suite: top-1, or ImageNet-C's (partial) mCE."""
+  columns = {}
+  for suite, result in evaluation.get("robustness", {}).items():
+    key = next((k for k in ("mce", "mce_partial", "top1") if k in result), None)
+    if key is not None:
+      columns[f"{suite} {key.replace('top1', 'top-1')}"] = 100 * result[key]
+  return columns
+
+
 def format_table(summary: Dict[str, Any]) -> str:
-  lines = [f"{'stage':<12} {'model':<22} {'top-1':>7} {'top-5':>7}"]
+  """Each stage's test top-1 / top-5 (percent), and its robustness suites' headline numbers if evaluated."""
+  extra = list(dict.fromkeys(k for s in summary["stages"] for k in _robustness_columns(s["eval"])))
+  lines = [f"{'stage':<12} {'model':<22} {'top-1':>7} {'top-5':>7}" + "".join(f" {k:>20}" for k in extra)]
   for s in summary["stages"]:
+    columns = _robustness_columns(s["eval"])
     lines.append(f"{s['name']:<12} {s['model']:<22} {100 * s['eval']['top1']:>7.2f} "
-                 f"{100 * s['eval']['top5']:>7.2f}")
+                 f"{100 * s['eval']['top5']:>7.2f}"
+                 + "".join(f" {columns[k]:>20.2f}" if k in columns else f" {'-':>20}" for k in extra))
   return "\n".join(lines)
 
 

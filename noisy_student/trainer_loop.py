@@ -195,6 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   """
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  evaluate_lib.parse_suites(config)  # a typo in config.evaluate fails now, not after training
   data_dir = _opt(config.data.data_dir)
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
 
@@ -231,10 +232,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   restored = checkpoint.restore_latest(manager, state)
   if restored is not None:
     state = restored
-    logging.info("Restored the train state from step %d in %s.", int(state.step), manager.directory)
+    logging.info("Restored the train state from step %d in %s%s.", int(state.step), manager.directory,
+                 f" (config.init_from={config.init_from!r} applies to fresh runs only)" if config.init_from else "")
   elif config.init_from:
     state = initialize_from(state, config.init_from)
     logging.info("Initialized the weights from %s.", config.init_from)
+  elif opt.frozen:
+    raise ValueError(f"config.optimizer.frozen={opt.frozen!r} without config.init_from would freeze randomly "
+                     "initialized layers: set config.init_from to a finished run's export/.")
   start_step = int(jax.device_get(state.step))
 
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
@@ -307,11 +312,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if manager.latest_step() != step:
       save(step, force=True)
     result = evaluate(eval_step, train_lib.eval_variables(state), eval_source, config, mesh)
-    result = dict(result, **robustness(model, train_lib.eval_variables(state), config, mesh))
-    writer.write_scalars(step, _eval_scalars(result))
     result = dict(result, step=step)
+    # The export and eval.json first: a robustness suite that fails (say, an unprepared dataset) leaves the
+    # trained model usable, and a rerun (restoring the final step) only evaluates again.
     checkpoint.save_inference_variables(str(workdir / checkpoint.EXPORT_DIR), train_lib.eval_variables(state))
     _write_json(workdir / EVAL_FILE, result)
+    suites = robustness(model, train_lib.eval_variables(state), config, mesh)
+    if suites:
+      result = dict(result, **suites)
+      _write_json(workdir / EVAL_FILE, result)
+    writer.write_scalars(step, _eval_scalars(result))
     logging.info("Final eval at step %d: %s", step, result)
     return result
   finally:
@@ -338,6 +348,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Opti
   """mode='evaluate': the latest checkpoint's EMA weights on config.data.eval and the robustness suites of
   config.evaluate.suites, written to eval.json."""
   workdir = epath.Path(workdir)
+  evaluate_lib.parse_suites(config)
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
   model = build_model(config, config.model.num_classes)
   _, tx = build_optimizer(config, 1, 1)  # only the state's structure matters for restoring

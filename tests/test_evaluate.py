@@ -76,7 +76,8 @@ def test_mean_corruption_error_by_hand():
   assert result["mce"] == pytest.approx(expected)
   # Part of the benchmark is never reported as its mCE.
   partial = evaluate.mean_corruption_error({"fog": {1: 0.9, 2: 0.8}, "snow": {1: 0.5, 2: 0.5}})
-  assert "mce" not in partial
+  assert "mce" not in partial and "ce" not in partial
+  assert partial["ce_partial"]["fog"] == pytest.approx(0.15 / 0.819324)
   assert partial["mce_partial"] == pytest.approx((0.15 / 0.819324 + 0.5 / 0.866816) / 2)
   with pytest.raises(ValueError, match="Unknown ImageNet-C corruption 'rain'"):
     evaluate.mean_corruption_error({"rain": {1: 0.5}})
@@ -163,7 +164,7 @@ def test_evaluate_mode_adds_the_suites_to_eval_json(suite_config, tmp_path):
     direct = evaluate.robustness(model, train.eval_variables(state), suite_config, mesh)
   assert result["robustness"] == direct
   assert set(direct) == {"imagenet_a", "imagenet_c"} and direct["imagenet_a"]["count"] == 12
-  assert set(direct["imagenet_c"]) == {"ce", "mce_partial", "top1"} and list(direct["imagenet_c"]["top1"]) == ["fog_3"]
+  assert set(direct["imagenet_c"]) == {"ce_partial", "mce_partial", "top1"} and list(direct["imagenet_c"]["top1"]) == ["fog_3"]
   saved = trainer_loop.outputs.read_json(tmp_path / trainer_loop.EVAL_FILE)
   assert saved["robustness"]["imagenet_a"] == pytest.approx(direct["imagenet_a"])
 

@@ -6,7 +6,8 @@ import pytest
 from flax import traverse_util
 
 from data_fixtures import digits_data_dir, load_config
-from noisy_student import checkpoint, sharding, train, trainer_loop
+from noisy_student import checkpoint, iterate, sharding, train, trainer_loop
+from noisy_student.data import sources
 from noisy_student.models import create_model
 from noisy_student.models.efficientnet import shallow_layers_pattern
 
@@ -75,7 +76,9 @@ def test_fine_tuning_at_a_larger_size_starts_from_the_export(tmp_path):
   config.data.update(labeled="tfds:digits:train[:200]", ratio=0, randaugment_layers=0, crop="center",
                      flip=False, data_dir=digits_data_dir(), labeled_batch=16, eval_batch=64)
   config.optimizer.update(frozen=FROZEN, warmup_epochs=0.0)
-  config.evaluate.suites = ""
+  # A robustness suite whose dataset is not prepared fails after training, but only after the export and
+  # eval.json are written.
+  config.evaluate.suites = "imagenet_v2"
 
   fresh = train.create_train_state(trainer_loop.build_model(config, 10), trainer_loop.build_optimizer(
       config, 1, 1)[1], jax.random.key(3), 24, mesh=sharding.create_mesh())
@@ -87,10 +90,16 @@ def test_fine_tuning_at_a_larger_size_starts_from_the_export(tmp_path):
     for k in want:
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
-  result = trainer_loop.train_and_evaluate(config, str(tmp_path / "finetune"))
+  workdir = tmp_path / "finetune"
+  with pytest.raises(sources.DatasetNotPreparedError, match="imagenet_v2"):
+    trainer_loop.train_and_evaluate(config, str(workdir))
+  result = trainer_loop.outputs.read_json(workdir / trainer_loop.EVAL_FILE)
   assert result["step"] == 4 and result["count"] == 497
+  # The final checkpoint (its optimizer state split by frozen / trained) restores and evaluates the same.
+  config.evaluate.suites = ""
+  assert trainer_loop.evaluate_checkpoint(config, str(workdir)) == result
   template = jax.eval_shape(lambda: train.eval_variables(fresh))
-  tuned = checkpoint.load_inference_variables(str(tmp_path / "finetune" / checkpoint.EXPORT_DIR), template)
+  tuned = checkpoint.load_inference_variables(str(workdir / checkpoint.EXPORT_DIR), template)
   tuned, initial = _flat(tuned["params"]), _flat(source.ema_params)
   frozen = [k for k in tuned if k.startswith(("stem_", "blocks_0/", "blocks_1/"))]
   for k in frozen:  # the export holds EMA weights: an average of equal values, equal up to rounding
@@ -103,3 +112,29 @@ def test_init_from_a_missing_export_names_the_folder(tmp_path):
   state = train.create_train_state(model, train.create_optimizer("sgd", 0.1), jax.random.key(0), 16)
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
     trainer_loop.initialize_from(state, str(tmp_path / "nowhere"))
+
+
+def test_frozen_layers_need_a_starting_point_and_the_loop_refuses_fine_tuning_keys(tmp_path):
+  config = load_config("digits")
+  config.update(mode="train", num_train_steps=2)
+  config.data.update(labeled="tfds:digits:train[:64]", ratio=0, data_dir=digits_data_dir(), labeled_batch=16)
+  config.optimizer.frozen = FROZEN
+  with pytest.raises(ValueError, match="without config.init_from would freeze randomly initialized layers"):
+    trainer_loop.train_and_evaluate(config, str(tmp_path / "run"))
+  config.mode = "iterate"
+  with pytest.raises(ValueError, match="config.init_from / config.optimizer.frozen are for fine-tuning"):
+    iterate.plan(config)
+
+
+def test_a_stage_saved_before_new_config_keys_still_resumes(tmp_path):
+  config = load_config("digits")
+  saved = config.to_dict()
+  del saved["init_from"], saved["evaluate"]
+  saved["optimizer"].pop("frozen")
+  trainer_loop.outputs.write_json(tmp_path / iterate.STAGE_CONFIG, saved)
+  iterate._check_same_config(tmp_path, config)  # pylint: disable=protected-access  # the added keys are at their defaults
+  config.evaluate.suites = "imagenet_a"  # reporting only: may change on a rerun
+  iterate._check_same_config(tmp_path, config)  # pylint: disable=protected-access
+  config.optimizer.frozen = "^stem_"
+  with pytest.raises(iterate.StageConfigMismatchError, match=r"optimizer.frozen: '' -> '\^stem_'"):
+    iterate._check_same_config(tmp_path, config)  # pylint: disable=protected-access

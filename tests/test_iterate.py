@@ -119,3 +119,15 @@ def test_first_teacher_from_an_official_checkpoint(tmp_path):
   assert set(want) == set(got)
   for key in want:  # the EMA copies, not the raw variables
     np.testing.assert_array_equal(np.asarray(got[key]), want[key], err_msg=str(key))
+
+
+def test_table_adds_robustness_headlines_where_evaluated():
+  summary = {"stages": [
+      {"name": "00_teacher", "model": "efficientnet-b0", "eval": {"top1": 0.5, "top5": 0.8}},
+      {"name": "01_student", "model": "efficientnet-b0",
+       "eval": {"top1": 0.6, "top5": 0.9, "robustness": {"imagenet_a": {"top1": 0.125, "count": 8.0},
+                                                          "imagenet_c": {"mce": 0.7, "ce": {}}}}}]}
+  lines = iterate.format_table(summary).splitlines()
+  assert lines[0].split() == ["stage", "model", "top-1", "top-5", "imagenet_a", "top-1", "imagenet_c", "mce"]
+  assert lines[1].split() == ["00_teacher", "efficientnet-b0", "50.00", "80.00", "-", "-"]
+  assert lines[2].split() == ["01_student", "efficientnet-b0", "60.00", "90.00", "12.50", "70.00"]

@@ -1,38 +1,75 @@
-"""launch/tpu_vm.sh: the gcloud commands it would run (--dry_run), with the job's flags through two shells."""
+"""launch/tpu_vm.sh: the gcloud commands it would run (--dry_run), and what a worker's shell does with them."""
 
 import os
 import shlex
 import subprocess
+import tarfile
+import time
 
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "launch", "tpu_vm.sh")
+JOB = ["--config=configs/imagenet.py:model=b7,stage=student", "--workdir=gs://bucket/b7 run",
+       "--config.data.unlabeled=gs://bucket/labels/labels-*.tfrecord", "--config.seed=1"]
 
 
 def _launch(*args):
   return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, check=False)
 
 
-def test_dry_run_creates_copies_and_starts_the_job_on_every_worker():
-  job = ["--config=configs/imagenet.py:model=b7,stage=student", "--workdir=gs://bucket/b7 run",
-         "--config.data.unlabeled=gs://bucket/labels/labels-*.tfrecord", "--config.seed=1"]
+def _dry_run():
   out = _launch("--dry_run", "--name=ns", "--zone=us-central2-b", "--type=v4-32", "--create",
-                "--python=python3.11", "--", *job)
+                "--python=python3.11", "--", *JOB)
   assert out.returncode == 0, out.stderr
-  commands = [shlex.split(line) for line in out.stdout.splitlines() if line.startswith("gcloud")]
-  create, scp, ssh = commands
+  return [shlex.split(line) for line in out.stdout.splitlines() if line.startswith("gcloud")]
+
+
+def test_dry_run_creates_copies_and_starts_on_every_worker():
+  create, scp, ssh = _dry_run()
   assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "ns", "--zone=us-central2-b",
                     "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"]
   assert scp[4] == "scp" and "--worker=all" in scp and scp[6] == "ns:~/noisy_student.tar.gz"
   assert ssh[4:6] == ["ssh", "ns"] and "--worker=all" in ssh
+
+
+def _fake_worker(tmp_path, pip_exit):
+  """A worker's home: the copied archive, and fakes for the interpreter, pip and the job that record calls."""
+  home, bin_dir, venv_bin = tmp_path / "home", tmp_path / "bin", tmp_path / "venv_bin"
+  for d in (home, bin_dir, venv_bin):
+    d.mkdir()
+  (tmp_path / "setup.py").write_text("# the repository\n")
+  with tarfile.open(home / "noisy_student.tar.gz", "w:gz") as tar:
+    tar.add(tmp_path / "setup.py", arcname="setup.py")
+  scripts = {
+      bin_dir / "python3.11": f'[ "$*" = "-m venv .venv" ] && mkdir -p .venv/bin && '
+                              f'echo "PATH={venv_bin}:\\$PATH" > .venv/bin/activate',
+      venv_bin / "pip": f'printf "%s\\n" "$@" > "$HOME/pip.args"; exit {pip_exit}',
+      venv_bin / "python": 'printf "%s\\n" "$@" > "$HOME/job.tmp"; mv "$HOME/job.tmp" "$HOME/job.args"',
+  }
+  for path, body in scripts.items():
+    path.write_text("#!/usr/bin/env bash\n" + body + "\n")
+    path.chmod(0o755)
+  env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  return home, env
+
+
+@pytest.mark.parametrize("pip_exit", [0, 1])
+def test_the_worker_installs_then_starts_the_job_in_the_background(tmp_path, pip_exit):
+  ssh = _dry_run()[2]
   remote = next(a for a in ssh if a.startswith("--command="))[len("--command="):]
-  # What the worker's shell runs: install with the tpu extra, then the job with exactly the flags given.
-  steps = [shlex.split(step) for step in remote.split(" && ")]
-  assert ["python3.11", "-m", "venv", ".venv"] in steps and ["pip", "install", "-q", "-e", ".[tpu]"] in steps
-  start = steps[-1]
-  assert start[:5] == ["nohup", "python", "-m", "noisy_student", "--distributed"]
-  assert start[5:5 + len(job)] == job
-  assert start[5 + len(job):] == ["<", "/dev/null", ">", "~/noisy_student.log", "2>&1", "&"]
+  home, env = _fake_worker(tmp_path, pip_exit)
+  start = time.monotonic()
+  out = subprocess.run(["bash", "-c", remote], env=env, capture_output=True, text=True, timeout=60, check=False)
+  if pip_exit:  # a failed install stops there, reported by the shell's exit status; no job starts
+    assert out.returncode == 1 and not (home / "job.args").exists()
+    return
+  assert out.returncode == 0, out.stderr
+  assert (home / "noisy_student" / "setup.py").exists()
+  assert (home / "pip.args").read_text().split() == ["install", "-q", "-e", ".[tpu]"]
+  while not (home / "job.args").exists() and time.monotonic() - start < 30:
+    time.sleep(0.05)
+  # The job's flags arrive exactly as given, through the local shell, gcloud's --command and the worker's shell.
+  assert (home / "job.args").read_text().splitlines() == ["-m", "noisy_student", "--distributed", *JOB]
 
 
 @pytest.mark.parametrize("args, message", [
