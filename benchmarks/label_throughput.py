@@ -4,7 +4,8 @@
 
 Writes mock 500x375 JPEGs (benchmarks/input_pipeline.make_jpegs) as an unlabeled TFRecord source, exports a
 randomly initialised teacher, and runs `label.label` twice: the first run compiles (kept in a persistent
-compilation cache), the second is timed as the job, and its labeling loop alone (what a long job's img/s
+compilation cache), the second is timed as the job (on one XLA:CPU device per core, up to 8, as the CLI runs
+mode=label; XLA_FLAGS with a host device count overrides), and its labeling loop alone (what a long job's img/s
 tends to: start-up and the manifest are fixed costs). Then times each part alone on the same data: the input
 pipeline (decode, center crop, resize, batching; uint8 out, as the job's: the model normalizes), the model on
 the same batches (in the job's micro-batches, config.label.micro_batch, and in one pass per batch), and
@@ -19,10 +20,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from noisy_student import allocator  # noqa: E402
+from noisy_student import allocator, cpu_devices  # noqa: E402
 
 if __name__ == "__main__" and "--no_reexec" not in sys.argv:
   allocator.reexec_with_fast_allocator()  # before jax allocates anything
+  cpu_devices.split_for_inference()  # as `python -m noisy_student` does for mode=label
 
 import argparse  # noqa: E402
 

@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from noisy_student import allocator
+from noisy_student import allocator, cpu_devices
 
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 _DEFAULT_CONFIG = os.path.join(_REPO_CONFIGS, "digits.py")
@@ -49,6 +49,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_CO
                                    "host:port of process 0, for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CPU_DEVICES_FOR_LABELING = flags.DEFINE_bool(
+    "cpu_devices_for_labeling", True, "In mode=label, one XLA:CPU device per core (up to 8) unless XLA_FLAGS "
+    "sets a host device count: inference runs ~1.2x faster on CPU that way (cpu_devices.py).")
 _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "gloo", "Collectives for multi-process CPU runs.")
 
 
@@ -86,6 +89,8 @@ def main(argv) -> None:
     if flags.FLAGS["config"].present:
       raise app.UsageError("--workdir is required with --config.")
     workdir = _DEFAULT_WORKDIR
+  if config.mode == "label" and _CPU_DEVICES_FOR_LABELING.value:
+    cpu_devices.split_for_inference()  # before jax starts its backends; see cpu_devices.py
   _initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   if _COMPILATION_CACHE.value:

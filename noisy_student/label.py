@@ -200,9 +200,9 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     (folder / STATS_FILE).unlink()  # an older manifest must not vouch for shards being rewritten
 
   if start_shard < per_process:
-    logging.info("Labeling %s: %d batches of %d on %d processes, %d shards, forward passes of %d images "
-                 "per device.", source.spec, num_batches, global_batch, source.process_count, count,
-                 fingerprint["micro_batch"])
+    logging.info("Labeling %s: %d batches of %d on %d processes (%d devices), %d shards, forward passes of "
+                 "%d images per device.", source.spec, num_batches, global_batch, source.process_count,
+                 jax.device_count(), count, fingerprint["micro_batch"])
     if start_shard:
       logging.info("Shards before %d of each process are complete: resuming at shard %d.", start_shard,
                    start_shard)

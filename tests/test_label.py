@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 from data_fixtures import REPO, digits_data_dir, free_port, subprocess_env
-from noisy_student import checkpoint, label, outputs, pseudo_labels
+from noisy_student import checkpoint, cpu_devices, label, outputs, pseudo_labels
 from noisy_student.config_defaults import base_config
 from noisy_student.data import preprocess
 from noisy_student.models import model_from_config
@@ -173,6 +173,25 @@ def test_two_processes_write_disjoint_shards_equal_to_one(teacher, one_process_l
     for raw in tf.data.TFRecordDataset(str(out / shard["file"])):
       first_half.add(tf.train.Example.FromString(raw.numpy()).features.feature["image/key"].bytes_list.value[0])
   assert len(first_half) == 300
+
+
+def test_cli_labels_on_one_cpu_device_per_core_with_the_same_results(teacher, one_process_labels, tmp_path):
+  """mode=label without a host device count in XLA_FLAGS: the CLI splits the CPU into one device per core
+  (cpu_devices.py); the records are the one-device ones."""
+  env = subprocess_env(1)
+  env["XLA_FLAGS"] = "--xla_cpu_prefer_vector_width=512"  # no device count: the CLI chooses
+  out = tmp_path / "split"
+  done = subprocess.run(_cli(out, teacher[0], "--config.label.batch=64"), cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=400)
+  assert done.returncode == 0, done.stderr[-3000:]
+  devices = cpu_devices.inference_device_count()
+  assert f"on 1 processes ({devices} devices)" in done.stderr
+  _, split = _records(out)
+  _, one = _records(one_process_labels[0])
+  assert set(split) == set(one)
+  for k in one:
+    assert split[k][0] == one[k][0] and split[k][3] == one[k][3]
+    np.testing.assert_allclose(split[k][2], one[k][2], atol=1e-5)
 
 
 @pytest.mark.slow
