@@ -164,7 +164,11 @@ def _names(value: str, known: Sequence[Any], key: str, cast=str) -> list:
 def parse_suites(config) -> Dict[str, Any]:
   """config.evaluate's suites, ImageNet-C corruptions and severities, checked (errors name the key)."""
   ec = config.evaluate
-  return {"suites": _names(ec.suites, tuple(SUITES), "suites") if ec.suites.strip() else [],
+  suites = _names(ec.suites, tuple(SUITES), "suites") if ec.suites.strip() else []
+  if suites and config.model.num_classes != 1000:
+    raise ValueError(f"config.evaluate.suites={ec.suites!r} are ImageNet test sets (1,000 classes), but "
+                     f"config.model.num_classes={config.model.num_classes}; set config.evaluate.suites=''.")
+  return {"suites": suites,
           "corruptions": _names(ec.imagenet_c_corruptions, IMAGENET_C_CORRUPTIONS, "imagenet_c_corruptions"),
           "severities": _names(ec.imagenet_c_severities, IMAGENET_C_SEVERITIES, "imagenet_c_severities", int)}
 

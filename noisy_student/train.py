@@ -86,17 +86,12 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def parameter_names(params: Any) -> Any:
-  """The pytree of '/'-joined parameter paths, e.g. 'blocks_3/expand_conv/kernel'."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: "/".join(str(getattr(k, "key", k)) for k in path), params)
-
-
 def frozen_labels(pattern: str) -> Callable[[Any], Any]:
-  """params -> 'frozen' where the regex `pattern` matches (re.search) the parameter's path, else 'train'."""
+  """params -> 'frozen' where the regex `pattern` matches (re.search) the parameter's '/'-joined path
+  ('blocks_3/expand_conv/kernel'), else 'train': optax.multi_transform's labels."""
   regex = re.compile(pattern)
-  return lambda params: jax.tree.map(lambda name: "frozen" if regex.search(name) else "train",
-                                     parameter_names(params))
+  return lambda params: flax.traverse_util.path_aware_map(
+      lambda path, _: "frozen" if regex.search("/".join(path)) else "train", params)
 
 
 def create_optimizer(name: str, schedule: optax.ScalarOrSchedule, weight_decay: float = 1e-5, *,
@@ -107,7 +102,7 @@ def create_optimizer(name: str, schedule: optax.ScalarOrSchedule, weight_decay: 
   For rmsprop and sgd the weight decay is `optax.add_decayed_weights` *before* the optimizer, i.e. the
   gradient of TF's `weight_decay * sum(v**2) / 2` loss term: the same update as the official code. For adamw
   it is AdamW's decoupled decay (scaled by the learning rate). Either way batch-norm parameters are exempt.
-  `frozen`: a regex over parameter paths (`parameter_names`) whose parameters get no update at all (FixRes-
+  `frozen`: a regex over parameter paths (see `frozen_labels`) whose parameters get no update at all (FixRes-
   style fine-tuning keeps the shallow layers fixed); their batch-norm statistics still follow the data.
 
   TF's RMSProp is `mom = m * mom + lr * g / sqrt(ms + eps)` with ms initialised to 1; optax's rmsprop with

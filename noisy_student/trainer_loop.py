@@ -59,7 +59,7 @@ def check_frozen(pattern: str, params) -> None:
     return
   labels = jax.tree.leaves(train_lib.frozen_labels(pattern)(params))
   if "frozen" not in labels or "train" not in labels:
-    names = jax.tree.leaves(train_lib.parameter_names(params))
+    names = list(traverse_util.flatten_dict(params, sep="/"))
     raise ValueError(f"config.optimizer.frozen={pattern!r} matches {labels.count('frozen')} of {len(names)} "
                      f"parameters; it must match some but not all (names look like {names[0]!r}, "
                      f"{names[len(names) // 2]!r}).")

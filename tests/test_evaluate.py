@@ -169,6 +169,14 @@ def test_evaluate_mode_adds_the_suites_to_eval_json(suite_config, tmp_path):
   assert saved["robustness"]["imagenet_a"] == pytest.approx(direct["imagenet_a"])
 
 
+def test_suites_on_a_model_that_is_not_imagenet_fail_before_training(tmp_path):
+  config = base_config()
+  config.model.update(name="efficientnet-tiny", num_classes=10)
+  config.evaluate.suites = "imagenet_a"
+  with pytest.raises(ValueError, match="config.model.num_classes=10; set config.evaluate.suites=''"):
+    trainer_loop.train_and_evaluate(config, str(tmp_path))
+
+
 def test_unknown_suite_or_corruption_is_an_error_naming_the_key(suite_config):
   model = trainer_loop.build_model(suite_config, 1000)
   suite_config.evaluate.suites = "imagenet_a,imagenet_p"

@@ -61,7 +61,7 @@ def test_a_frozen_pattern_must_match_some_but_not_all_parameters():
     trainer_loop.check_frozen("kernel|bias|scale", params)
 
 
-def test_fine_tuning_at_a_larger_size_starts_from_the_export(tmp_path):
+def test_fine_tuning_at_a_larger_size_starts_from_the_export(tmp_path, monkeypatch):
   """A digits model exported at 16 px, fine-tuned at 24 px for a few steps with its shallow layers frozen:
   the run starts from the export exactly, the frozen layers end where they started, the rest move."""
   config = load_config("digits")
@@ -76,9 +76,7 @@ def test_fine_tuning_at_a_larger_size_starts_from_the_export(tmp_path):
   config.data.update(labeled="tfds:digits:train[:200]", ratio=0, randaugment_layers=0, crop="center",
                      flip=False, data_dir=digits_data_dir(), labeled_batch=16, eval_batch=64)
   config.optimizer.update(frozen=FROZEN, warmup_epochs=0.0)
-  # A robustness suite whose dataset is not prepared fails after training, but only after the export and
-  # eval.json are written.
-  config.evaluate.suites = "imagenet_v2"
+  config.evaluate.suites = ""
 
   fresh = train.create_train_state(trainer_loop.build_model(config, 10), trainer_loop.build_optimizer(
       config, 1, 1)[1], jax.random.key(3), 24, mesh=sharding.create_mesh())
@@ -91,12 +89,20 @@ def test_fine_tuning_at_a_larger_size_starts_from_the_export(tmp_path):
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
   workdir = tmp_path / "finetune"
+
+  def unprepared_suite(*args):
+    del args
+    raise sources.DatasetNotPreparedError("imagenet_v2 is not prepared")
+
+  # A robustness suite whose dataset is not prepared fails after training, but only after the export and
+  # eval.json are written (a 10-class model cannot run the real suites: that is refused before training).
+  monkeypatch.setattr(trainer_loop, "robustness", unprepared_suite)
   with pytest.raises(sources.DatasetNotPreparedError, match="imagenet_v2"):
     trainer_loop.train_and_evaluate(config, str(workdir))
+  monkeypatch.undo()
   result = trainer_loop.outputs.read_json(workdir / trainer_loop.EVAL_FILE)
   assert result["step"] == 4 and result["count"] == 497
   # The final checkpoint (its optimizer state split by frozen / trained) restores and evaluates the same.
-  config.evaluate.suites = ""
   assert trainer_loop.evaluate_checkpoint(config, str(workdir)) == result
   template = jax.eval_shape(lambda: train.eval_variables(fresh))
   tuned = checkpoint.load_inference_variables(str(workdir / checkpoint.EXPORT_DIR), template)
