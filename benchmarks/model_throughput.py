@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.timing import time_alternating  # noqa: E402
-from noisy_student import label, sharding  # noqa: E402
+from noisy_student import sharding  # noqa: E402
 from noisy_student.models import create_model  # noqa: E402
 
 # Multiply-adds per image at the native resolution (EfficientNet paper, Table 2).
@@ -37,8 +37,10 @@ PAPER_MADDS = {"efficientnet-b0": 0.39e9, "efficientnet-b1": 0.70e9, "efficientn
                "efficientnet-b6": 19e9, "efficientnet-b7": 37e9}
 
 
-def build(model_name, impl, batch, resolution, num_classes):
-  model = create_model(model_name, num_classes=num_classes, conv_impl=impl)
+def build(model_name, impl, batch, resolution, num_classes, dtype=jnp.float32):
+  """(model, jitted train step, jitted forward, train state, variables, images, labels); also used by
+  gpu_throughput.py, which has no TensorFlow, so nothing here may import it."""
+  model = create_model(model_name, num_classes=num_classes, conv_impl=impl, dtype=dtype)
   images = jax.random.normal(jax.random.key(0), (batch, resolution, resolution, 3))
   labels = jax.random.randint(jax.random.key(1), (batch,), 0, num_classes)
   variables = jax.jit(lambda: model.init(jax.random.key(2), images[:1], train=False))()
@@ -89,6 +91,7 @@ def main():
   parser.add_argument("--no_reexec", action="store_true",
                       help="run under the allocator and XLA_FLAGS of the calling environment")
   args = parser.parse_args()
+  from noisy_student import label  # imports TensorFlow; only this script's micro-batched column needs it
 
   print(f"{args.model} batch {args.batch} at {args.resolution}px on {jax.devices()[0].platform} "
         f"({jax.device_count()} device(s)); allocator: {ALLOCATOR}; "

@@ -46,19 +46,24 @@ def step_seconds(fn, steps, warmup):
   return statistics.median(times), min(times)
 
 
-def measure(args, memory_format):
+def timm_steps(model_name, batch, resolution, num_classes, drop_rate, drop_path_rate, memory_format,
+               device="cpu", autocast_dtype=None, compile_model=False):
+  """(model, infer, train_step) on a fixed random batch; also used by gpu_throughput.py on a GPU."""
   torch.manual_seed(0)
-  model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes,
-                            drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate)
-  images = torch.randn(args.batch, 3, args.resolution, args.resolution)
-  labels = torch.randint(0, args.num_classes, (args.batch,))
-  model = model.to(memory_format=memory_format)
-  images = images.contiguous(memory_format=memory_format)
+  model = timm.create_model(model_name, pretrained=False, num_classes=num_classes,
+                            drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+  images = torch.randn(batch, 3, resolution, resolution)
+  labels = torch.randint(0, num_classes, (batch,))
+  model = model.to(device=device, memory_format=memory_format)
+  images = images.to(device).contiguous(memory_format=memory_format)
+  labels = labels.to(device)
   optimizer = torch.optim.RMSprop(model.parameters(), lr=0.01, alpha=0.9, eps=1e-3, momentum=0.9)
+  if compile_model:
+    model = torch.compile(model)
 
   def autocast():
-    if args.bf16:
-      return torch.autocast("cpu", dtype=torch.bfloat16)
+    if autocast_dtype is not None:
+      return torch.autocast(torch.device(device).type, dtype=autocast_dtype)
     return contextlib.nullcontext()
 
   def infer():
@@ -72,6 +77,14 @@ def measure(args, memory_format):
     loss.backward()
     optimizer.step()
     return loss
+
+  return model, infer, train_step
+
+
+def measure(args, memory_format):
+  model, infer, train_step = timm_steps(
+      args.model, args.batch, args.resolution, args.num_classes, args.drop_rate, args.drop_path_rate,
+      memory_format, autocast_dtype=torch.bfloat16 if args.bf16 else None)
 
   row = {}
   # Inference first, as in model_throughput.py.
