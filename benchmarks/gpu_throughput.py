@@ -8,7 +8,7 @@ with `conv_impl='auto'` (XLA's native convolutions on a GPU), and timm's same mo
 (`timm_throughput.timm_steps`: channels-last, bf16 as `torch.autocast`, optionally `torch.compile`d),
 on fixed random batches already on the GPU. The two frameworks' steps are timed alternately (median of
 `--steps` after `--warmup`), so clock and thermal drift hit both alike; prints img/s, the ratio, XLA's
-FLOP count per image, compile seconds and peak GPU memory. Needs jax with CUDA and torch + timm in one
+FLOP count per image, compile seconds and each framework's peak GPU memory over the run. Needs jax with CUDA and torch + timm in one
 environment (no TensorFlow). JAX's memory preallocation is turned off so both frameworks fit.
 """
 
@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.model_throughput import PAPER_MADDS, build, flops  # noqa: E402
+from benchmarks.model_throughput import PAPER_MADDS, build, compile_train, flops  # noqa: E402
 from benchmarks.timing import time_alternating  # noqa: E402
 from benchmarks.timm_throughput import timm_steps  # noqa: E402
 
@@ -57,17 +57,7 @@ def measure_jax(args, dtype):
   infer_compiled = infer.lower(variables, images).compile()
   row["infer_compile_s"] = time.perf_counter() - start
   row["infer_gflops"] = flops(infer_compiled) / args.batch / 1e9
-  start = time.perf_counter()
-  train_compiled = train.lower(state, images, labels, 0).compile()
-  row["train_compile_s"] = time.perf_counter() - start
-  row["train_gflops"] = flops(train_compiled) / args.batch / 1e9
-  holder = {"state": state, "step": 0}
-
-  def train_step():
-    holder["state"], loss = train_compiled(holder["state"], images, labels, holder["step"])
-    holder["step"] += 1
-    return loss
-
+  train_step, row["train_compile_s"], row["train_gflops"] = compile_train(train, state, images, labels)
   return row, (lambda: infer_compiled(variables, images)), train_step
 
 
@@ -110,6 +100,10 @@ def main():
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--torch_device", default="cuda", help="'cpu' to try the script out without a GPU")
   args = parser.parse_args()
+  for option, names in (("--dtypes", args.dtypes), ("--timm_compile_dtypes", args.timm_compile_dtypes)):
+    unknown = set(filter(None, names.split(","))) - set(DTYPES)
+    if unknown:
+      parser.error(f"{option}: unknown dtype(s) {sorted(unknown)}; expected a comma-separated list of {list(DTYPES)}")
 
   device = jax.devices()[0]
   print(f"{args.model} batch {args.batch} at {args.resolution}px on {device.device_kind} "
@@ -132,7 +126,6 @@ def main():
     extra = [jax_row] + [p[0] for p in peers.values()]
     for name, row, inf, trn in zip(names, extra, infer_s, train_s):
       rows.append(dict(row, name=name, dtype=dtype_name, infer=args.batch / inf, train=args.batch / trn))
-    rows[-len(names)]["peak_gib"] = peak_gib(device)
     print(f"{dtype_name}: " + "; ".join(f"{r['name']} train {r['train']:.0f} / infer {r['infer']:.0f} img/s"
                                         for r in rows[-len(names):]), flush=True)
 
@@ -147,8 +140,8 @@ def main():
     for peer in peers:
       print(f"{dtype_name}: this code / {peer['name']}: train {ours['train'] / peer['train']:.2f}x, "
             f"infer {ours['infer'] / peer['infer']:.2f}x")
-    print(f"{dtype_name}: jax peak GPU memory {ours['peak_gib']:.1f} GiB; torch peak allocated "
-          f"{torch_peak_gib():.1f} GiB (all runs so far)")
+  # Peaks over the whole run (every dtype): jax's cannot be reset between rows.
+  print(f"peak GPU memory: jax {peak_gib(device):.1f} GiB, torch {torch_peak_gib():.1f} GiB")
   paper = PAPER_MADDS.get(args.model)
   if paper:
     print(f"paper: {paper / 1e9:.2f} G multiply-adds per image = {2 * paper / 1e9:.2f} GFLOP (forward)")
