@@ -10,7 +10,9 @@ Variants by override: `--config.iterate.student_noise=False` (the paper's ablati
 with `--config.data.labeled=tfds:digits:train` (supervised on all 1,300 labels: test top-1 0.97).
 
 Short runs: batch-norm momentum 0.9 and EMA 0.99 (the official 0.99 / 0.9999 average over far more steps
-than a few hundred). No horizontal flips (they change digits).
+than a few hundred). No horizontal flips (they change digits). Students train for 600 steps, the teacher for
+300: as in the paper, the student sees far more data (1,300 images against 50) and is trained longer; at
+300 steps the students gained +1.9 points on average, at 600 +12.0 (+4.5 without their noise; README).
 """
 
 from noisy_student.config_defaults import base_config
@@ -34,5 +36,5 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 150
   c.keep_checkpoints = 2
   c.label.update(batch=256, shards_per_process=2)
-  c.iterate.update(num_iterations=2, ratio=3)
+  c.iterate.update(num_iterations=2, ratio=3, student_num_train_steps=600)
   return c

@@ -68,9 +68,11 @@ def test_reexec_keeps_large_temporaries_mapped_between_steps():
          if k not in ("NOISY_STUDENT_ALLOCATOR", "LD_PRELOAD", "XLA_FLAGS", "MIMALLOC_PURGE_DELAY")}
   out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], env=env, check=True, capture_output=True,
                        text=True).stdout.strip()
-  first, _, third = eval(out)  # pylint: disable=eval-used
+  first, *repeated = eval(out)  # pylint: disable=eval-used
   assert first > 100, out  # the first step does map its temporaries
-  assert third < first / 20, f"the third step page-faulted again: faults per step {out}"
+  # Unmapped and mapped again, each repeat faults about as often as the first (1,422, 1,087, 1,076 seen);
+  # kept, a repeat faults only for stray small allocations (0 - 69 seen).
+  assert max(repeated) < first / 4, f"a repeated step page-faulted its temporaries again: faults per step {out}"
 
 
 def test_heap_split_and_kept_memory_only_where_jax_runs_on_the_cpu():
