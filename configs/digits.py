@@ -1,4 +1,6 @@
-"""python -m noisy_student  (= --config=configs/digits.py: the Noisy Student demo; see the README's table)
+"""python -m noisy_student  (= --config=configs/digits.py: the Noisy Student demo, about a minute on 2 cores)
+
+Should reach: teacher ~72% test top-1, second student ~84% (mean of 3 seeds; the README's table).
 
 The CPU demo of the whole method on the embedded scikit-learn digits (8x8 grayscale, upscaled to 16x16
 RGB): a teacher trained on 5 labeled images per class (`train[:50]`; the split is stored class-interleaved),
