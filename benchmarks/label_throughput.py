@@ -24,7 +24,7 @@ from noisy_student import allocator, cpu_devices  # noqa: E402
 
 if __name__ == "__main__" and "--no_reexec" not in sys.argv:
   allocator.reexec_with_fast_allocator()  # before jax allocates anything
-  cpu_devices.split_for_inference()  # as `python -m noisy_student` does for mode=label
+  cpu_devices.split_per_core()  # as `python -m noisy_student` does on a CPU
 
 import argparse  # noqa: E402
 

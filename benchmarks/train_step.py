@@ -16,10 +16,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from noisy_student import allocator  # noqa: E402
+from noisy_student import allocator, cpu_devices  # noqa: E402
 
 if __name__ == "__main__" and "--no_reexec" not in sys.argv:
   allocator.reexec_with_fast_allocator()  # before jax allocates anything
+  cpu_devices.split_per_core()  # as `python -m noisy_student` does on a CPU
 
 import contextlib  # noqa: E402
 import importlib.util  # noqa: E402

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from noisy_student import cpu_devices
 from data_fixtures import REPO, digits_data_dir, free_port, load_config, subprocess_env
 
 
@@ -152,6 +153,28 @@ def test_imagenet_variants_follow_the_paper():
 def _losses(log):
   return {int(step): float(loss)
           for step, loss in re.findall(r"\[(\d+)\] (?:[^\n]*[ ,])?train/loss=([-\d.e]+)", log)}
+
+
+@pytest.mark.slow
+def test_cli_trains_on_one_cpu_device_per_core(tmp_path):
+  """Without a host device count in XLA_FLAGS the CLI splits the CPU into one device per core
+  (cpu_devices.py): the run is exactly a run with that count set by hand."""
+  steps = ("--config.num_train_steps=60", "--config.log_every_steps=20")
+  devices = cpu_devices.device_count_for()
+  vectors = "--xla_cpu_prefer_vector_width=512"  # the same code generation in both runs
+  env = dict(subprocess_env(), XLA_FLAGS=vectors)  # no device count: the CLI chooses
+  split = subprocess.run(_command(str(tmp_path / "split"), *SUPERVISED, *steps), cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=400)
+  assert split.returncode == 0, split.stderr[-3000:]
+  assert f"{devices} cpu device(s) in this process" in split.stderr
+  chosen = subprocess.run(_command(str(tmp_path / "chosen"), *SUPERVISED, *steps), cwd=REPO,
+                          env=dict(subprocess_env(), XLA_FLAGS=f"{vectors} --xla_force_host_platform_device_count={devices}"),
+                          capture_output=True, text=True, timeout=400)
+  assert chosen.returncode == 0, chosen.stderr[-3000:]
+  metrics = [json.loads((tmp_path / d / "eval.json").read_text()) for d in ("split", "chosen")]
+  assert metrics[0] == metrics[1] and metrics[0]["step"] == 60
+  losses = _losses(split.stdout + split.stderr)
+  assert sorted(losses) == [20, 40, 60] and losses == _losses(chosen.stdout + chosen.stderr)
 
 
 @pytest.mark.slow

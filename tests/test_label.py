@@ -184,7 +184,7 @@ def test_cli_labels_on_one_cpu_device_per_core_with_the_same_results(teacher, on
   done = subprocess.run(_cli(out, teacher[0], "--config.label.batch=64"), cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=400)
   assert done.returncode == 0, done.stderr[-3000:]
-  devices = cpu_devices.inference_device_count()
+  devices = cpu_devices.device_count_for()
   assert f"on 1 processes ({devices} devices)" in done.stderr
   _, split = _records(out)
   _, one = _records(one_process_labels[0])
