@@ -39,13 +39,20 @@ PAPER_MADDS = {"efficientnet-b0": 0.39e9, "efficientnet-b1": 0.70e9, "efficientn
 
 def build(model_name, impl, batch, resolution, num_classes, dtype=jnp.float32):
   """(model, jitted train step, jitted forward, train state, variables, images, labels); also used by
-  gpu_throughput.py, which has no TensorFlow, so nothing here may import it."""
+  gpu_throughput.py, which has no TensorFlow, so nothing here may import it.
+
+  The batch is sharded over all devices (state replicated), as the trainer shards it: run with
+  XLA_FLAGS=--xla_force_host_platform_device_count=N to time the CLI's one-device-per-core CPU split."""
   model = create_model(model_name, num_classes=num_classes, conv_impl=impl, dtype=dtype)
-  images = jax.random.normal(jax.random.key(0), (batch, resolution, resolution, 3))
-  labels = jax.random.randint(jax.random.key(1), (batch,), 0, num_classes)
-  variables = jax.jit(lambda: model.init(jax.random.key(2), images[:1], train=False))()
+  mesh = sharding.create_mesh()
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  images = jax.device_put(jax.random.normal(jax.random.key(0), (batch, resolution, resolution, 3)),
+                          batch_sharding)
+  labels = jax.device_put(jax.random.randint(jax.random.key(1), (batch,), 0, num_classes), batch_sharding)
+  variables = jax.jit(lambda: model.init(jax.random.key(2), images[:1], train=False), out_shardings=replicated)()
   tx = optax.rmsprop(0.01, decay=0.9, eps=1e-3, momentum=0.9)
-  state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+  state = (variables["params"], variables["batch_stats"], jax.jit(tx.init, out_shardings=replicated)(variables["params"]))
 
   def train_step(state, images, labels, step):
     params, batch_stats, opt_state = state

@@ -1,13 +1,15 @@
 """One XLA:CPU device per core for the command line's jobs on a CPU host.
 
 XLA:CPU splits each fused op of a program over its thread pool and joins after it. An EfficientNet step is
-hundreds of small ops, and on 2 cores those joins cost about a fifth of inference and a third of training:
-with one host device per core, each device runs its share of the batch on its own thread, join-free, and
-only the batch-norm statistics and gradients cross devices. 2-core AMD EPYC, b0 at batch 32: labeling
-model 81.6 -> 98.5 img/s; the full train step with its input pipeline (`benchmarks/train_step.py`)
-19.7 - 21.9 -> 30.3 - 35.4 img/s; the digits demo's tiny model runs as fast either way. The device count
-must be in XLA_FLAGS before jax initializes its backends; it only adds host devices, so it is harmless where
-an accelerator is the default backend.
+hundreds of small ops, and every join waits for the slowest thread: for whichever one the input pipeline's
+threads (JPEG decoding, augmentation) preempted on the same cores. With one host device per core, each
+device runs its share of the batch on its own thread, and only the batch-norm statistics and gradients
+cross devices. 2-core AMD EPYC, b0 at batch 32: labeling model 81.6 -> 98.5 img/s; the train step with its
+input pipeline (`benchmarks/train_step.py`, what the CLI runs) 19.7 - 21.9 -> 30.3 - 35.4 img/s, though
+the bare step with no pipeline beside it is a little slower split (`benchmarks/model_throughput.py`:
+34.3 - 37.3 -> 29.8 - 32.5); the digits demo's tiny model runs as fast either way. The device count must be
+in XLA_FLAGS before jax initializes its backends; it only adds host devices, so it is harmless where an
+accelerator is the default backend.
 """
 
 import os
