@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from benchmarks.model_throughput import PAPER_MADDS, build, compile_train, flops  # noqa: E402
 from benchmarks.timing import time_alternating  # noqa: E402
-from benchmarks.timm_throughput import timm_steps  # noqa: E402
+from benchmarks.timm_throughput import add_run_arguments, timm_steps  # noqa: E402
 
 DTYPES = {"float32": (jnp.float32, None), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
 
@@ -88,11 +88,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", default="efficientnet-b0")
   parser.add_argument("--timm_model", default="efficientnet_b0")
-  parser.add_argument("--batch", type=int, default=256)
-  parser.add_argument("--resolution", type=int, default=224)
-  parser.add_argument("--num_classes", type=int, default=1000)
-  parser.add_argument("--drop_rate", type=float, default=0.2)
-  parser.add_argument("--drop_path_rate", type=float, default=0.2)
+  add_run_arguments(parser, batch=256)
   parser.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated: {', '.join(DTYPES)}")
   parser.add_argument("--timm_compile_dtypes", default="",
                       help="comma-separated dtypes for which timm is also timed under torch.compile")

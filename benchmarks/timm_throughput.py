@@ -81,6 +81,15 @@ def timm_steps(model_name, batch, resolution, num_classes, drop_rate, drop_path_
   return model, infer, train_step
 
 
+def add_run_arguments(parser, batch):
+  """The batch, shape and noise arguments every timm comparison takes (timm_steps' inputs)."""
+  parser.add_argument("--batch", type=int, default=batch)
+  parser.add_argument("--resolution", type=int, default=224)
+  parser.add_argument("--num_classes", type=int, default=1000)
+  parser.add_argument("--drop_rate", type=float, default=0.2, help="dropout before the classifier")
+  parser.add_argument("--drop_path_rate", type=float, default=0.2, help="stochastic depth at the last block")
+
+
 def measure(args, memory_format):
   model, infer, train_step = timm_steps(
       args.model, args.batch, args.resolution, args.num_classes, args.drop_rate, args.drop_path_rate,
@@ -102,11 +111,7 @@ def measure(args, memory_format):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", default="efficientnet_b0")
-  parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--resolution", type=int, default=224)
-  parser.add_argument("--num_classes", type=int, default=1000)
-  parser.add_argument("--drop_rate", type=float, default=0.2)
-  parser.add_argument("--drop_path_rate", type=float, default=0.2)
+  add_run_arguments(parser, batch=32)
   parser.add_argument("--formats", default="channels_last,contiguous",
                       help="comma-separated memory formats: channels_last, contiguous")
   parser.add_argument("--bf16", action="store_true", help="torch.autocast('cpu', dtype=bfloat16)")

@@ -1,5 +1,6 @@
 """The CPU entry points' allocator switch: a re-executed process really runs under mimalloc."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_reexec_keeps_large_temporaries_mapped_between_steps():
          if k not in ("NOISY_STUDENT_ALLOCATOR", "LD_PRELOAD", "XLA_FLAGS", "MIMALLOC_PURGE_DELAY")}
   out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], env=env, check=True, capture_output=True,
                        text=True).stdout.strip()
-  first, *repeated = eval(out)  # pylint: disable=eval-used
+  first, *repeated = ast.literal_eval(out)
   assert first > 100, out  # the first step does map its temporaries
   # Unmapped and mapped again, each repeat faults about as often as the first (1,422, 1,087, 1,076 seen);
   # kept, a repeat faults only for stray small allocations (0 - 69 seen).

@@ -216,8 +216,9 @@ def test_every_epoch_is_a_new_permutation(data_dir):
 
 def test_batch_must_divide_devices(data_dir):
   src = sources.open_source("tfds:digits:train[:50]", data_dir=data_dir, **ONE)
-  with pytest.raises(ValueError, match="multiple of the 8 batch devices"):
+  with pytest.raises(ValueError, match="multiple of the 8 batch devices") as error:
     next(pipeline.train_iterator(src, labeled_batch=12, image_size=8, seed=0, mesh=sharding.create_mesh()))
+  assert "--nocpu_device_per_core" in str(error.value)  # how to choose another count on a CPU
 
 
 # -------------------------------------------------------------------------------------------- eval

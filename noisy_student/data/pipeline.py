@@ -167,8 +167,12 @@ def local_batch(global_batch: int, what: str, mesh, process_count: int) -> int:
   """This process's share of a global batch; an error naming `what` unless it splits evenly."""
   devices = sharding.batch_devices(mesh)
   if global_batch % devices or global_batch % process_count:
+    hint = ""
+    if mesh.devices.flat[0].platform == "cpu":  # the count the command line chose from the cores
+      hint = (" On a CPU, `python -m noisy_student` makes one device per core: pass --nocpu_device_per_core "
+              "or XLA_FLAGS=--xla_force_host_platform_device_count=N for another count.")
     raise ValueError(f"{what}={global_batch} must be a multiple of the {devices} batch devices "
-                     f"and of the {process_count} processes.")
+                     f"and of the {process_count} processes.{hint}")
   return global_batch // process_count
 
 
