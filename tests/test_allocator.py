@@ -53,7 +53,7 @@ def f(x):
 
 x = jnp.ones(n)
 faults = []
-for _ in range(3):
+for _ in range(8):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -71,9 +71,12 @@ def test_reexec_keeps_large_temporaries_mapped_between_steps():
                        text=True).stdout.strip()
   first, *repeated = ast.literal_eval(out)
   assert first > 100, out  # the first step does map its temporaries
-  # Unmapped and mapped again, each repeat faults about as often as the first (1,422, 1,087, 1,076 seen);
-  # kept, a repeat faults only for stray small allocations (0 - 69 seen).
-  assert max(repeated) < first / 4, f"a repeated step page-faulted its temporaries again: faults per step {out}"
+  # Unmapped and mapped again, every repeat faults about as often as the temporaries have 2 MB pages
+  # (1,077 - 1,085 seen, the first step then 4,158). Kept, most repeats fault only for stray small
+  # allocations (0 - 69 seen); under CPU contention (another test process on the other core) a block freed
+  # by one XLA thread is now and then not yet reusable by another, and one repeat in a few maps afresh (up
+  # to 1,106 of 1,255 seen), so the median is what tells the two apart.
+  assert sorted(repeated)[len(repeated) // 2] < first / 8, f"repeated steps page-faulted again: {out}"
 
 
 def test_heap_split_and_kept_memory_only_where_jax_runs_on_the_cpu():
