@@ -9,6 +9,11 @@ forward pass, the labeling job's step, which runs the batch in micro-batches
 (`label.make_infer_step`, alternated with the one-pass forward); prints
 XLA's FLOP count per image beside the paper's multiply-add count, and which
 allocator ran. Compare rows within one run: absolute numbers depend on the host.
+
+Also times a large float32 matmul on all devices, the most this machine's
+FLOPs can do for XLA, and prints each row's rate in the paper's FLOPs (a
+train step counted as 3 forward passes) as a share of it: near 1, a faster
+kernel cannot help, only fewer or cheaper (lower-precision) FLOPs.
 """
 
 import argparse
@@ -35,6 +40,9 @@ from noisy_student.models import create_model  # noqa: E402
 PAPER_MADDS = {"efficientnet-b0": 0.39e9, "efficientnet-b1": 0.70e9, "efficientnet-b2": 1.0e9,
                "efficientnet-b3": 1.8e9, "efficientnet-b4": 4.2e9, "efficientnet-b5": 9.9e9,
                "efficientnet-b6": 19e9, "efficientnet-b7": 37e9}
+NATIVE_RESOLUTION = {"efficientnet-b0": 224, "efficientnet-b1": 240, "efficientnet-b2": 260,
+                     "efficientnet-b3": 300, "efficientnet-b4": 380, "efficientnet-b5": 456,
+                     "efficientnet-b6": 528, "efficientnet-b7": 600}
 
 
 def build(model_name, impl, batch, resolution, num_classes, dtype=jnp.float32):
@@ -81,6 +89,18 @@ def flops(compiled):
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def matmul_ceiling_gflops(size=2048, steps=5):
+  """GFLOP/s of a float32 [size, size] @ [size, size] matmul per device, all devices at once."""
+  mesh = sharding.create_mesh()
+  stacked = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+  count = jax.device_count()
+  a = jax.device_put(jax.random.normal(jax.random.key(0), (count, size, size)), stacked)
+  b = jax.device_put(jax.random.normal(jax.random.key(1), (count, size, size)), stacked)
+  product = jax.jit(lambda a, b: jnp.einsum("dij,djk->dik", a, b)).lower(a, b).compile()
+  seconds = time_alternating([lambda: product(a, b)], steps, warmup=1)[0]
+  return 2 * count * size**3 / seconds / 1e9
 
 
 def compile_train(train, state, images, labels):
@@ -158,6 +178,16 @@ def main():
   if paper:
     print(f"paper: {paper / 1e9:.2f} G multiply-adds per image = {2 * paper / 1e9:.2f} GFLOP "
           f"(forward, at the native resolution)")
+    if args.resolution == NATIVE_RESOLUTION[args.model]:
+      ceiling = matmul_ceiling_gflops()
+      print(f"ceiling: a float32 2048^3 matmul runs at {ceiling:.0f} GFLOP/s here, i.e. at most "
+            f"{ceiling / (6 * paper / 1e9):.0f} train / {ceiling / (2 * paper / 1e9):.0f} infer img/s "
+            f"at the paper's FLOPs (train = 3 forward passes); achieved share of it:")
+      for r in rows:
+        shares = [f"{name} {r[key] * factor * paper / 1e9 / ceiling:.2f}"
+                  for name, key, factor in (("train", "train_img_s", 6), ("infer", "infer_img_s", 2),
+                                            ("passes", "micro_img_s", 2)) if key in r]
+        print(f"{r['impl']:>8} " + ", ".join(shares))
 
 
 if __name__ == "__main__":

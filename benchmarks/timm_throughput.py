@@ -14,6 +14,8 @@ eps 1e-3 / momentum 0.9) and one eval-mode forward under torch.inference_mode();
 `--steps` timed steps after `--warmup`, with the fastest step beside it, for each memory format in
 `--formats`. `--bf16` runs both under CPU autocast to bfloat16. The allocator is whatever the
 calling environment set (LD_PRELOAD, GLIBC_TUNABLES); this script does not re-execute itself.
+Last, the rate of a float32 2048^3 matmul under torch, the ceiling to compare the model's FLOP rate with
+(`model_throughput.py` prints XLA's and the JAX model's share of it).
 """
 
 import argparse
@@ -81,6 +83,12 @@ def timm_steps(model_name, batch, resolution, num_classes, drop_rate, drop_path_
   return model, infer, train_step
 
 
+def matmul_ceiling_gflops(size=2048, steps=5):
+  """GFLOP/s of a float32 [size, size] @ [size, size] matmul, median of `steps` after one warm-up."""
+  a, b = torch.randn(size, size), torch.randn(size, size)
+  return 2 * size**3 / step_seconds(lambda: a @ b, steps, warmup=1)[0] / 1e9
+
+
 def add_run_arguments(parser, batch):
   """The batch, shape and noise arguments every timm comparison takes (timm_steps' inputs)."""
   parser.add_argument("--batch", type=int, default=batch)
@@ -141,6 +149,7 @@ def main():
     if measured:
       best = max(measured, key=measured.get)
       print(f"best {label}: {measured[best]:.1f} img/s ({best})")
+  print(f"ceiling: a float32 2048^3 matmul runs at {matmul_ceiling_gflops():.0f} GFLOP/s under torch here")
 
 
 if __name__ == "__main__":
