@@ -38,8 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate = dict(suites="", imagenet_c_corruptions="", imagenet_c_severities="")
   # mode='label': the teacher (config.model) from teacher_workdir/export over data.unlabeled_source.
   # micro_batch: images per forward pass within a device's rows (0: ~8 at 224 px on CPU, all elsewhere).
+  # read_ahead_batches: batches the input decodes ahead of the model, from the job's start, while the teacher
+  # loads and compiles (0: as many as fit 256 MiB of pixels).
   c.label = dict(teacher_workdir="", temperature=1.0, hard=False, top_k=0, batch=0, micro_batch=0,
-                 shards_per_process=4, num_bins=100, log_every_batches=50, log_every_secs=60.0)
+                 read_ahead_batches=0, shards_per_process=4, num_bins=100, log_every_batches=50,
+                 log_every_secs=60.0)
   # Which pseudo-labels a student trains on (computed from the labels' stats.json); enabled=False uses all.
   c.select = dict(enabled=True, threshold=0.3, per_class=0, balance=True)
   # mode='iterate': teacher -> (label -> select -> student) x num_iterations, one stage folder each.

@@ -95,6 +95,17 @@ def make_infer_step(model, mesh, micro_batch: int = 0):
   return jax.jit(step, in_shardings=(replicated, batch), out_shardings=batch)
 
 
+READ_AHEAD_BYTES = 256 * 2**20
+
+
+def read_ahead_batches(configured: int, local_batch: int, image_size: int) -> int:
+  """Batches decoded ahead of the model: `configured`, or for 0 as many uint8 batches as fit READ_AHEAD_BYTES
+  (at least 2): 55 of 32 images at 224 px, about the images one core decodes while b0's job starts."""
+  if configured > 0:
+    return configured
+  return max(2, READ_AHEAD_BYTES // (local_batch * image_size * image_size * 3))
+
+
 def shard_bounds(num_batches: int, shards: int) -> List[int]:
   """Batch index where each of this process's shards starts, and the end: shards cover batches evenly."""
   return [j * num_batches // shards for j in range(shards + 1)]
@@ -178,7 +189,6 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
   model = model_from_config(config.model)
   num_classes = config.model.num_classes
-  variables = load_teacher(lc.teacher_workdir, model, config.model.image_size, mesh)
   source = data_lib.open_source(config.data.unlabeled_source, data_dir=config.data.data_dir or None,
                                 labeled=False, with_key=True)
   global_batch = lc.batch or config.data.eval_batch
@@ -189,6 +199,9 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   if lc.micro_batch < 0:
     raise ValueError(f"config.label.micro_batch={lc.micro_batch} must be >= 0 (images per forward pass "
                      f"within a device's rows; 0 picks automatically).")
+  if lc.read_ahead_batches < 0:
+    raise ValueError(f"config.label.read_ahead_batches={lc.read_ahead_batches} must be >= 0 (batches the "
+                     f"input decodes ahead of the model; 0 picks automatically).")
   per_process = min(lc.shards_per_process, num_batches)
   count = per_process * source.process_count
   first = source.process_index * per_process
@@ -206,8 +219,17 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     if start_shard:
       logging.info("Shards before %d of each process are complete: resuming at shard %d.", start_shard,
                    start_shard)
-    _run(config, variables, model, mesh, source, folder, global_batch, num_batches, bounds, done,
-         start_shard, first, count, num_classes, fingerprint)
+    # The input starts decoding now, while the teacher loads and its step compiles (about 2 s for b0, in
+    # which a core would otherwise idle), up to read_ahead_batches batches ahead of the model.
+    batches = pipeline.ReadAhead(
+        data_lib.eval_iterator(source, global_batch=global_batch, image_size=config.model.image_size,
+                               crop=config.data.get("eval_crop", "center"), mesh=mesh, with_raw=True,
+                               start_batch=bounds[start_shard], normalize=False),
+        depth=read_ahead_batches(lc.read_ahead_batches, local, config.model.image_size))
+    with batches:
+      variables = load_teacher(lc.teacher_workdir, model, config.model.image_size, mesh)
+      _run(config, variables, model, mesh, batches, folder, num_batches, bounds, done, start_shard, first,
+           count, num_classes, fingerprint, source.process_count)
   multihost_utils.sync_global_devices("labels: shards written")
   failure = None
   if jax.process_index() == 0:
@@ -228,17 +250,14 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   return {"examples": stats["num_examples"], "shards": count, "mean_confidence": mean_conf}
 
 
-def _run(config, variables, model, mesh, source, folder, global_batch, num_batches, bounds, done,
-         start_shard, first, count, num_classes, fingerprint):
+def _run(config, variables, model, mesh, batches, folder, num_batches, bounds, done, start_shard, first, count,
+         num_classes, fingerprint, process_count):
   lc = config.label
   infer = make_infer_step(model, mesh, lc.micro_batch)
   batch_spec = PartitionSpec(sharding.BATCH_AXES)
   writer = metric_writers.create_default_writer(just_logging=True)
   progress = periodic_actions.ReportProgress(num_train_steps=num_batches, writer=writer,
                                              every_secs=lc.log_every_secs)
-  batches = data_lib.eval_iterator(source, global_batch=global_batch, image_size=config.model.image_size,
-                                   crop=config.data.get("eval_crop", "center"), mesh=mesh, with_raw=True,
-                                   start_batch=bounds[start_shard], normalize=False)
   shard_writer, images, t0 = None, 0, time.monotonic()
 
   def write(b, logits, raw):
@@ -263,7 +282,7 @@ def _run(config, variables, model, mesh, source, folder, global_batch, num_batch
       shard_writer = None
     progress(b + 1)
     if (b + 1) % max(1, lc.log_every_batches) == 0:
-      rate = images * source.process_count / max(time.monotonic() - t0, 1e-9)
+      rate = images * process_count / max(time.monotonic() - t0, 1e-9)
       logging.info("labeled %d / %d batches, %.1f img/s", b + 1, num_batches, rate)
 
   # One batch in flight: batch b+1 is dispatched before batch b's records are built and written, so the

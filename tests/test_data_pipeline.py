@@ -293,3 +293,38 @@ def test_eval_start_batch_equals_the_tail_of_a_full_pass(data_dir):
       for k in a:
         np.testing.assert_array_equal(a[k], b[k])
   assert [int(b["mask"].sum()) for b in full] == [8, 8, 8, 8, 5, 0, 0]
+
+
+def test_read_ahead_runs_the_producer_ahead_and_keeps_order():
+  """The producer runs before the consumer asks, stops `depth` items ahead, yields everything in order and
+  re-raises its error in the consumer; close() stops a producer nobody reads."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  produced = []
+
+  def items(n, fail_at=None):
+    for i in range(n):
+      if i == fail_at:
+        raise OSError(f"corrupt record {i}")
+      produced.append(i)
+      yield i
+
+  with pipeline.ReadAhead(items(100), depth=5) as ahead:
+    deadline = time.monotonic() + 10
+    while len(produced) < 6 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    time.sleep(0.2)
+    # 5 queued and one more made, waiting for room: nothing was consumed yet.
+    assert len(produced) == 6
+    assert list(ahead) == list(range(100))
+    assert list(ahead) == []
+  produced.clear()
+  ahead = pipeline.ReadAhead(items(10, fail_at=7), depth=2)
+  assert [next(ahead) for _ in range(7)] == list(range(7))
+  with pytest.raises(OSError, match="corrupt record 7"):
+    next(ahead)
+  ahead = pipeline.ReadAhead(items(10**6), depth=3)
+  ahead.close()
+  assert not any(t.name == "read_ahead" and t.is_alive() for t in threading.enumerate())
+  with pytest.raises(ValueError, match="depth must be >= 1"):
+    pipeline.ReadAhead([], depth=0)

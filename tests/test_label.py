@@ -112,6 +112,13 @@ def test_micro_batch_size_is_the_largest_divisor_within_the_limit():
   assert label.micro_batch_size(32, 100, "cpu") == 32
 
 
+def test_read_ahead_depth_fits_the_pixel_budget():
+  assert label.read_ahead_batches(0, 32, 224) == 55  # 256 MiB of uint8 batches of 32 images at 224 px
+  assert label.read_ahead_batches(0, 128, 800) == 2  # never fewer than 2
+  assert label.read_ahead_batches(0, 8, 16) == 256 * 2**20 // (8 * 16 * 16 * 3)
+  assert label.read_ahead_batches(7, 32, 224) == 7
+
+
 def test_micro_batched_inference_gives_the_whole_batch_logits(teacher):
   """Each device's rows in passes of 1, 3 or 6 images (a loop in the step) == one pass == model.apply."""
   from noisy_student import sharding  # pylint: disable=g-import-not-at-top
@@ -241,6 +248,10 @@ def test_missing_teacher_and_wrong_class_count_are_clear_errors(teacher, tmp_pat
   with pytest.raises(checkpoint.CheckpointMismatchError,
                      match=r"exported variables in .*export does not match the model.*classifier/kernel"):
     label.label(c, str(tmp_path / "out2"))
+  c = _config(teacher[0])
+  c.label.read_ahead_batches = -2
+  with pytest.raises(ValueError, match=r"config.label.read_ahead_batches=-2 must be >= 0"):
+    label.label(c, str(tmp_path / "out4"))
   c = _config(teacher[0])
   c.label.micro_batch = -1
   with pytest.raises(ValueError, match=r"config.label.micro_batch=-1 must be >= 0"):

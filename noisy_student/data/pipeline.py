@@ -17,7 +17,9 @@ Batches are dicts of global arrays sharded over the mesh's ('data', 'fsdp') axes
 
 import dataclasses
 import math
-from typing import Iterator, Optional, Tuple
+import queue
+import threading
+from typing import Any, Iterable, Iterator, Optional, Tuple
 
 import jax
 import numpy as np
@@ -288,3 +290,72 @@ def eval_iterator(source: Source, *, global_batch: int, image_size: int, crop: s
     if with_raw:
       out["local"] = dict(raw, mask=batch["mask"])
     yield out
+
+
+class ReadAhead:
+  """Iterates `items` in a background thread, up to `depth` items ahead of the consumer.
+
+  It starts at construction, so the producer's work (decoding, resizing, copying batches to the devices)
+  overlaps what the consumer does before its first `next`, such as a labeling job loading its teacher and
+  compiling its step. An error in the producer is raised by the consumer's `next`. Use as a context manager
+  (or call `close`) so an abandoned producer thread stops.
+  """
+
+  _END = object()
+
+  def __init__(self, items: Iterable[Any], depth: int):
+    if depth < 1:
+      raise ValueError(f"read-ahead depth must be >= 1, got {depth}")
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._finished = False
+    self._thread = threading.Thread(target=self._produce, args=(items,), daemon=True, name="read_ahead")
+    self._thread.start()
+
+  def _produce(self, items):
+    try:
+      for item in items:
+        if not self._put((item, None)):
+          return
+      self._put((self._END, None))
+    except BaseException as e:  # pylint: disable=broad-except  # re-raised in the consumer
+      self._put((self._END, e))
+
+  def _put(self, entry) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(entry, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._finished:
+      raise StopIteration
+    item, error = self._queue.get()
+    if item is self._END:
+      self._finished = True
+      if error is not None:
+        raise error
+      raise StopIteration
+    return item
+
+  def close(self) -> None:
+    self._finished = True
+    self._stop.set()
+    while True:  # unblock a producer waiting on a full queue
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout=10)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
