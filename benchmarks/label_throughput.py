@@ -12,6 +12,12 @@ the same batches (in the job's micro-batches, config.label.micro_batch, and in o
 building + writing the records.
 The parts overlap in the job (tf.data runs ahead on its own threads), so the job is faster than their sum
 when the CPU has room.
+
+The peer, beside the job: with `--peer_python=/tmp/timmvenv/bin/python` (a Python with torch and timm, set up
+as benchmarks/timm_throughput.py's docstring says; a torchvision stand-in goes in PYTHONPATH), each of
+`--rounds` rounds times the job, then PyTorch + timm's b0 inference alone (channels-last, eval mode, the same
+batch and as many batches as the job has, in a child process under tuned glibc, without this process's
+allocator or XLA settings), so both see the same minutes of a machine whose speed drifts.
 """
 
 import os
@@ -27,6 +33,8 @@ if __name__ == "__main__" and "--no_reexec" not in sys.argv:
   cpu_devices.split_per_core()  # as `python -m noisy_student` does on a CPU
 
 import argparse  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -55,6 +63,26 @@ def _time_calls(module, name):
   return total
 
 
+PEER_GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+
+
+def peer_inference(python: str, batch: int, size: int, batches: int):
+  """(median, fastest) img/s of PyTorch + timm's efficientnet_b0 inference over `batches` batches, run by
+  timm_throughput.py in a child process with this process's allocator and XLA settings removed."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("LD_PRELOAD", "XLA_FLAGS") and not k.startswith("MIMALLOC_")
+         and not k.startswith("NOISY_STUDENT_")}
+  env["GLIBC_TUNABLES"] = PEER_GLIBC_TUNABLES
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "timm_throughput.py")
+  out = subprocess.run([python, script, f"--batch={batch}", f"--resolution={size}", "--formats=channels_last",
+                        "--skip=train", f"--steps={batches}", "--warmup=2"], env=env, capture_output=True,
+                       text=True, check=False)
+  row = re.search(r"channels_last\s+nan\s+\(\s*nan\)\s+([\d.]+)\s+\(\s*([\d.]+)\)", out.stdout)
+  if out.returncode or not row:
+    raise RuntimeError(f"The peer run ({python} {script}) failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+  return float(row.group(1)), float(row.group(2))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="efficientnet-b0")
@@ -62,6 +90,9 @@ def main():
   parser.add_argument("--images", type=int, default=512)
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--no_reexec", action="store_true")
+  parser.add_argument("--peer_python", default="", help="a Python with torch + timm: time their inference "
+                      "beside the job")
+  parser.add_argument("--rounds", type=int, default=1, help="timed jobs (each followed by the peer's run)")
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     jax.config.update("jax_compilation_cache_dir", os.path.join(tmp, "jax_cache"))
@@ -80,10 +111,16 @@ def main():
 
     label.label(c, os.path.join(tmp, "warmup"))
     loop = _time_calls(label, "_run")  # the labeling loop inside the job, apart from start-up and manifest
-    start = time.perf_counter()
-    summary = label.label(c, os.path.join(tmp, "timed"))
-    job = time.perf_counter() - start
-    assert summary["examples"] == args.images
+    jobs, peers = [], []
+    for r in range(args.rounds):
+      loop[0] = 0.0
+      start = time.perf_counter()
+      summary = label.label(c, os.path.join(tmp, f"timed{r}"))
+      jobs.append((time.perf_counter() - start, loop[0]))
+      assert summary["examples"] == args.images
+      if args.peer_python:
+        peers.append(peer_inference(args.peer_python, args.batch, args.size, -(-args.images // args.batch)))
+    job, loop[0] = sorted(jobs)[(len(jobs) - 1) // 2]  # the median round (the faster middle one if even)
 
     mesh = sharding.create_mesh()
     source = data_lib.open_source(src_path, labeled=False, with_key=True)
@@ -126,6 +163,16 @@ def main():
     print(f"| {name} | {t:.2f} | {n / t:.1f} |")
   # How much of the model's own speed the whole job keeps: the machine-independent part of the result.
   print(f"job / model alone (the job's passes): {t_model[micro] / job:.2f}")
+  if len(jobs) > 1 or peers:
+    print("\n| round | job img/s | its loop img/s |" + (" timm inference img/s, median (fastest batch) | "
+                                                       "job / timm median (fastest) |" if peers else "")
+          + "\n|---|---|---|" + ("---|---|" if peers else ""))
+    for r, (t_job, t_loop) in enumerate(jobs):
+      row = f"| {r} | {n / t_job:.1f} | {n / t_loop:.1f} |"
+      if peers:
+        median, fastest = peers[r]
+        row += f" {median:.1f} ({fastest:.1f}) | {n / t_job / median:.2f} ({n / t_job / fastest:.2f}) |"
+      print(row)
 
 
 if __name__ == "__main__":

@@ -117,5 +117,17 @@ def load_inference_variables(directory: str, template: Any) -> Any:
   with ocp.StandardCheckpointer() as ckptr:
     metadata = ckptr.metadata(path)
     check_compatible(_metadata_tree(getattr(metadata, "item_metadata", metadata)), target, where=f"the exported variables in {path}")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return ckptr.restore(path, abstract)
+  # Read as host numpy arrays, then placed: orbax's per-array sharded restore took twice as long here
+  # (efficientnet-b0's 311 arrays: 0.5 s against 0.25 s), a fixed cost of every labeling job.
+  restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), target)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    arrays = ckptr.restore(path, restore_args=restore_args)
+  return jax.tree.map(_place, arrays, target)
+
+
+def _place(array: np.ndarray, like: Any) -> jax.Array:
+  """A host array on `like`'s sharding (every process holds the whole array; each places its shards)."""
+  sharding = getattr(like, "sharding", None)
+  if sharding is None:
+    return jax.device_put(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

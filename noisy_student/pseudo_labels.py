@@ -215,7 +215,8 @@ def plot_histograms(stats: Mapping[str, Any], path, selection: Optional[Mapping[
   hist = np.asarray(stats["histogram"], np.int64)
   edges = np.linspace(0, 1, hist.shape[1] + 1)
   fig, (ax1, ax2) = outputs.new_figure(ncols=2, figsize=(11, 3.8))
-  ax1.bar(edges[:-1], hist.sum(0), width=edges[1] - edges[0], align="edge")
+  # Steps, not bars, here too: each bar is a patch whose limits matplotlib works out through Bezier curves.
+  ax1.stairs(hist.sum(0), edges, fill=True)
   if selection is not None:
     ax1.axvline(selection["threshold"], color="red", linestyle="--", label="threshold")
     ax1.legend()
