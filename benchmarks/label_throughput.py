@@ -1,12 +1,15 @@
 """Labeling throughput end to end: JPEG decode + eval preprocessing + teacher inference + TFRecord writing.
 
     python benchmarks/label_throughput.py [--model efficientnet-b0] [--images 512] [--batch 32]
+        [--rounds 1] [--peer_python PYTHON_WITH_TIMM]
 
 Writes mock 500x375 JPEGs (benchmarks/input_pipeline.make_jpegs) as an unlabeled TFRecord source, exports a
-randomly initialised teacher, and runs `label.label` twice: the first run compiles (kept in a persistent
-compilation cache), the second is timed as the job (on one XLA:CPU device per core, up to 8, as the CLI runs
-mode=label; XLA_FLAGS with a host device count overrides), and its labeling loop alone (what a long job's img/s
-tends to: start-up and the manifest are fixed costs). Then times each part alone on the same data: the input
+randomly initialised teacher, and runs `label.label` 1 + `--rounds` times: the first run compiles (kept in a
+persistent compilation cache), the others are timed as the job (on one XLA:CPU device per core, up to 8, as
+the CLI runs mode=label; XLA_FLAGS with a host device count overrides; the median round is reported), with
+its labeling loop alone (`label._run`, from the step's trace and compile-cache load to the last record; the
+teacher load before it and the manifest after it are fixed costs; the input has decoded ahead during the
+load, so on a short run the loop is faster than a long job's steady rate). Then times each part alone on the same data: the input
 pipeline (decode, center crop, resize, batching; uint8 out, as the job's: the model normalizes), the model on
 the same batches (in the job's micro-batches, config.label.micro_batch, and in one pass per batch), and
 building + writing the records.
@@ -158,7 +161,8 @@ def main():
   models = [(f"model alone, passes of {k} images" + (" (the job's)" if k == micro else ""), t)
             for k, t in t_model.items()]
   for name, t in [("labeling job end to end (label.label)", job),
-                  ("its labeling loop (without start-up: teacher load, compile-cache load; manifest)", loop[0]),
+                  ("its labeling loop (without the teacher load and the manifest; input decoded during the load)",
+                   loop[0]),
                   ("input alone", t_input), *models, ("records alone", t_write)]:
     print(f"| {name} | {t:.2f} | {n / t:.1f} |")
   # How much of the model's own speed the whole job keeps: the machine-independent part of the result.

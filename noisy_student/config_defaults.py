@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   # mode='label': the teacher (config.model) from teacher_workdir/export over data.unlabeled_source.
   # micro_batch: images per forward pass within a device's rows (0: ~8 at 224 px on CPU, all elsewhere).
   # read_ahead_batches: batches the input decodes ahead of the model, from the job's start, while the teacher
-  # loads and compiles (0: as many as fit 256 MiB of pixels).
+  # loads and compiles; they wait on the devices (0: as many as fit 256 MiB of uint8 pixels, at least 1).
   c.label = dict(teacher_workdir="", temperature=1.0, hard=False, top_k=0, batch=0, micro_batch=0,
                  read_ahead_batches=0, shards_per_process=4, num_bins=100, log_every_batches=50,
                  log_every_secs=60.0)

@@ -113,7 +113,8 @@ class StageConfigMismatchError(ValueError):
 # Paths derived from the workdir may differ (a relative --workdir, a copied workdir), and num_iterations may
 # grow to extend a finished loop. evaluate.* (which robustness suites are reported) may change too.
 _RERUN_MAY_CHANGE = {"log_every_steps", "eval_every_steps", "keep_checkpoints", "label.log_every_batches",
-                     "label.log_every_secs", "label.teacher_workdir", "data.unlabeled",
+                     "label.log_every_secs", "label.teacher_workdir", "label.read_ahead_batches",
+                     "data.unlabeled",
                      "iterate.num_iterations"}
 
 

@@ -7,7 +7,9 @@ shards of the records in the schema of ../shared/DESIGN.md.
 
 Distribution and resumption. The global batch is sharded over every device of every process; each process
 keeps only its own rows (nothing is gathered to one host) and writes shards
-`labels-{p * K + j}-of-{P * K}`, j < K, each covering a fixed range of its batches. A shard is written under a
+`labels-{p * K + j}-of-{P * K}`, j < K, each covering a fixed range of its batches. The input starts
+decoding when the job starts (pipeline.ReadAhead), while the teacher loads and its step compiles; the
+teacher is loaded only when some shard is left to write. A shard is written under a
 temporary name, its statistics sidecar is written, and only then is it renamed: a shard under its final name
 is complete. A rerun starts at the first batch some process has not finished, rewrites only incomplete
 shards, and produces byte-identical files. When every process is done, process 0 merges the sidecars into
@@ -100,10 +102,11 @@ READ_AHEAD_BYTES = 256 * 2**20
 
 def read_ahead_batches(configured: int, local_batch: int, image_size: int) -> int:
   """Batches decoded ahead of the model: `configured`, or for 0 as many uint8 batches as fit READ_AHEAD_BYTES
-  (at least 2): 55 of 32 images at 224 px, about the images one core decodes while b0's job starts."""
+  (at least 1): 55 of 32 images at 224 px, about the images one core decodes while b0's job starts. They
+  wait as the step's inputs, i.e. on the devices (host memory on a CPU)."""
   if configured > 0:
     return configured
-  return max(2, READ_AHEAD_BYTES // (local_batch * image_size * image_size * 3))
+  return max(1, READ_AHEAD_BYTES // (local_batch * image_size * image_size * 3))
 
 
 def shard_bounds(num_batches: int, shards: int) -> List[int]:

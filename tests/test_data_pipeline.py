@@ -224,6 +224,19 @@ def test_batch_must_divide_devices(data_dir):
 # -------------------------------------------------------------------------------------------- eval
 
 
+def test_eval_iterator_sets_up_in_the_call(data_dir, monkeypatch):
+  """The batch count (a collective across processes when a source lacks per-process counts) is agreed in
+  the call, on the caller's thread: a ReadAhead thread that consumes the batches runs no collective."""
+  src = sources.open_source("tfds:digits:test[:20]", data_dir=data_dir, **ONE)
+  calls, count = [], pipeline.eval_num_batches
+  monkeypatch.setattr(pipeline, "eval_num_batches", lambda *a: calls.append(a) or count(*a))
+  batches = pipeline.eval_iterator(src, global_batch=8, image_size=8, mesh=sharding.create_mesh())
+  assert len(calls) == 1
+  with pytest.raises(ValueError, match="multiple of the 8 batch devices"):
+    pipeline.eval_iterator(src, global_batch=12, image_size=8, mesh=sharding.create_mesh())
+  assert [int(b["mask"].sum()) for b in batches] == [8, 8, 4]
+
+
 @pytest.mark.parametrize("devices", [1, 8])
 def test_eval_counts_every_example_once(data_dir, devices):
   mesh = sharding.create_mesh(devices=jax.devices()[:devices])
@@ -298,7 +311,6 @@ def test_eval_start_batch_equals_the_tail_of_a_full_pass(data_dir):
 def test_read_ahead_runs_the_producer_ahead_and_keeps_order():
   """The producer runs before the consumer asks, stops `depth` items ahead, yields everything in order and
   re-raises its error in the consumer; close() stops a producer nobody reads."""
-  import threading  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   produced = []
 
@@ -323,8 +335,9 @@ def test_read_ahead_runs_the_producer_ahead_and_keeps_order():
   assert [next(ahead) for _ in range(7)] == list(range(7))
   with pytest.raises(OSError, match="corrupt record 7"):
     next(ahead)
+  ahead.close()
   ahead = pipeline.ReadAhead(items(10**6), depth=3)
   ahead.close()
-  assert not any(t.name == "read_ahead" and t.is_alive() for t in threading.enumerate())
+  assert not ahead._thread.is_alive()  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="depth must be >= 1"):
     pipeline.ReadAhead([], depth=0)

@@ -114,7 +114,7 @@ def test_micro_batch_size_is_the_largest_divisor_within_the_limit():
 
 def test_read_ahead_depth_fits_the_pixel_budget():
   assert label.read_ahead_batches(0, 32, 224) == 55  # 256 MiB of uint8 batches of 32 images at 224 px
-  assert label.read_ahead_batches(0, 128, 800) == 2  # never fewer than 2
+  assert label.read_ahead_batches(0, 128, 800) == 1  # never fewer than 1
   assert label.read_ahead_batches(0, 8, 16) == 256 * 2**20 // (8 * 16 * 16 * 3)
   assert label.read_ahead_batches(7, 32, 224) == 7
 

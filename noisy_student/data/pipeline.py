@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator, Optional, Tuple
 import jax
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from noisy_student import sharding
 from noisy_student.data import preprocess
@@ -277,13 +278,20 @@ def eval_iterator(source: Source, *, global_batch: int, image_size: int, crop: s
   """Global eval batches covering every example of the source exactly once (mask marks padding).
 
   With with_raw, each batch also has 'local': this process's rows as numpy ('encoded', 'key', 'mask').
-  normalize=False: uint8 images, as in eval_dataset.
+  normalize=False: uint8 images, as in eval_dataset. The set-up runs in the call, on the caller's thread
+  (for a source without per-process counts it is a collective: every process agrees on the batch count);
+  only the batches come lazily, so the iterator may be consumed by another thread (ReadAhead) without a
+  collective there racing the caller's.
   """
   mesh = mesh if mesh is not None else sharding.create_mesh()
   local = local_batch(global_batch, "global_batch", mesh, source.process_count)
   ds = eval_dataset(source, batch_size=local, num_batches=eval_num_batches(source, local),
                     image_size=image_size, crop=crop, with_raw=with_raw, start_batch=start_batch,
                     normalize=normalize)
+  return _global_batches(ds, mesh, with_raw)
+
+
+def _global_batches(ds: tf.data.Dataset, mesh, with_raw: bool) -> Iterator[dict]:
   for batch in ds.as_numpy_iterator():
     raw = {k: batch.pop(k) for k in ("encoded", "key") if k in batch}
     out = sharding.host_to_global(batch, mesh)
@@ -298,7 +306,9 @@ class ReadAhead:
   It starts at construction, so the producer's work (decoding, resizing, copying batches to the devices)
   overlaps what the consumer does before its first `next`, such as a labeling job loading its teacher and
   compiling its step. An error in the producer is raised by the consumer's `next`. Use as a context manager
-  (or call `close`) so an abandoned producer thread stops.
+  (or call `close`) so an abandoned producer thread stops. The producer must not run multi-process
+  collectives: the consumer's thread may be running its own, and the two would interleave differently on
+  different processes.
   """
 
   _END = object()
@@ -347,12 +357,19 @@ class ReadAhead:
   def close(self) -> None:
     self._finished = True
     self._stop.set()
-    while True:  # unblock a producer waiting on a full queue
+    self._drain()  # unblock a producer waiting on a full queue
+    self._thread.join(timeout=10)
+    self._drain()  # what it put before it saw the stop
+    if self._thread.is_alive():
+      logging.warning("The read-ahead producer is still inside its iterator 10 s after close(); it stops at "
+                      "its next item.")
+
+  def _drain(self) -> None:
+    while True:
       try:
         self._queue.get_nowait()
       except queue.Empty:
-        break
-    self._thread.join(timeout=10)
+        return
 
   def __enter__(self):
     return self
