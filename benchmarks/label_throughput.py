@@ -36,7 +36,7 @@ if __name__ == "__main__" and "--no_reexec" not in sys.argv:
   cpu_devices.split_per_core()  # as `python -m noisy_student` does on a CPU
 
 import argparse  # noqa: E402
-import re  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
 
 import jax  # noqa: E402
@@ -80,10 +80,12 @@ def peer_inference(python: str, batch: int, size: int, batches: int):
   out = subprocess.run([python, script, f"--batch={batch}", f"--resolution={size}", "--formats=channels_last",
                         "--skip=train", f"--steps={batches}", "--warmup=2"], env=env, capture_output=True,
                        text=True, check=False)
-  row = re.search(r"channels_last\s+nan\s+\(\s*nan\)\s+([\d.]+)\s+\(\s*([\d.]+)\)", out.stdout)
-  if out.returncode or not row:
+  # timm_throughput.py prints one line "result: " + JSON of its rows (not imported here: it needs torch).
+  lines = [line for line in out.stdout.splitlines() if line.startswith("result: ")]
+  if out.returncode or not lines:
     raise RuntimeError(f"The peer run ({python} {script}) failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
-  return float(row.group(1)), float(row.group(2))
+  row = json.loads(lines[-1][len("result: "):])["channels_last"]
+  return row["infer_img_s"], row["infer_max_img_s"]
 
 
 def main():
@@ -97,6 +99,8 @@ def main():
                       "beside the job")
   parser.add_argument("--rounds", type=int, default=1, help="timed jobs (each followed by the peer's run)")
   args = parser.parse_args()
+  if args.rounds < 1:
+    parser.error(f"--rounds={args.rounds} must be >= 1")
   with tempfile.TemporaryDirectory() as tmp:
     jax.config.update("jax_compilation_cache_dir", os.path.join(tmp, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -20,6 +20,7 @@ Last, the rate of a float32 2048^3 matmul under torch, the ceiling to compare th
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import time
@@ -35,6 +36,9 @@ def describe_allocator():
   name = ("tcmalloc" if "tcmalloc" in preload else
           "glibc, tuned" if "mmap_threshold" in tunables else "glibc, default")
   return f"{name} (LD_PRELOAD={preload!r}, GLIBC_TUNABLES={tunables!r})"
+
+
+RESULT_PREFIX = "result: "
 
 
 def step_seconds(fn, steps, warmup):
@@ -149,6 +153,8 @@ def main():
     if measured:
       best = max(measured, key=measured.get)
       print(f"best {label}: {measured[best]:.1f} img/s ({best})")
+  # What other scripts read (label_throughput.py's peer run): every row's rates, as JSON, on one line.
+  print(RESULT_PREFIX + json.dumps(rows))
   print(f"ceiling: a float32 2048^3 matmul runs at {matmul_ceiling_gflops():.0f} GFLOP/s under torch here")
 
 

@@ -114,8 +114,7 @@ class StageConfigMismatchError(ValueError):
 # grow to extend a finished loop. evaluate.* (which robustness suites are reported) may change too.
 _RERUN_MAY_CHANGE = {"log_every_steps", "eval_every_steps", "keep_checkpoints", "label.log_every_batches",
                      "label.log_every_secs", "label.teacher_workdir", "label.read_ahead_batches",
-                     "data.unlabeled",
-                     "iterate.num_iterations"}
+                     "data.unlabeled", "iterate.num_iterations"}
 
 
 def _check_same_config(folder: epath.Path, config: ml_collections.ConfigDict) -> None:
