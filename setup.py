@@ -35,7 +35,10 @@ setuptools.setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "keras>=3.8,<4",  # parity tests against keras.applications.EfficientNet
+            "av>=14",  # the ImageNet-P reader's tests write and read videos
         ],
+        # ImageNet-P's perturbation videos (config.evaluate.suites=imagenet_p) are decoded with PyAV.
+        "video": ["av>=14"],
         "tpu": ["jax[tpu]>=0.9,<0.11"],
     },
     entry_points={"console_scripts": ["noisy_student=noisy_student.__main__:run"]},

@@ -13,8 +13,9 @@ unlabeled batch = ratio x labeled, ratio 1 for small models and 3 for B7/L0/L1/L
 (2 layers, magnitude 27 as the paper; the teacher is trained un-noised by input here, our choice), the paper's
 350 epochs for students larger than B4 and 700 for smaller ones; teachers 350 epochs (our choice where the
 reference is silent). Released-checkpoint top-1: b0 78.8 b1 81.5 b2 82.4 b3 84.1 b4 85.3 b5 86.1 b6 86.4
-b7 86.9, l2 88.4 (800px test). Robustness (`--config.evaluate.suites=imagenet_a,imagenet_c`), paper's L2
-student: ImageNet-A top-1 83.7, ImageNet-C mCE 28.3.
+b7 86.9, l2 88.4 (800px test). Robustness (`--config.evaluate.suites=imagenet_a,imagenet_c,imagenet_p`, with
+`--config.evaluate.imagenet_p_dir` and `imagenet_p_baseline` for ImageNet-P), paper's L2 student: ImageNet-A
+top-1 83.7, ImageNet-C mCE 28.3, ImageNet-P mFR 12.2.
 """
 
 from noisy_student.config_defaults import base_config

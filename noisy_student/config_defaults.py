@@ -34,8 +34,13 @@ def base_config() -> ml_collections.ConfigDict:
   # it (L0-L2), 'replicate' keeps a full copy per device.
   c.mesh = dict(fsdp=1, param_sharding="replicate")
   # Robustness suites evaluated after training and in mode='evaluate' (evaluate.SUITES: imagenet_a,
-  # imagenet_r, imagenet_v2, imagenet_c); ImageNet-C corruptions / severities: comma lists, '' = all.
-  c.evaluate = dict(suites="", imagenet_c_corruptions="", imagenet_c_severities="")
+  # imagenet_r, imagenet_v2, imagenet_c, imagenet_p); ImageNet-C corruptions / severities: comma lists,
+  # '' = all. imagenet_p reads the videos of imagenet_p_dir/PERTURBATION/WNID/*.mp4 (perturbations: a comma
+  # list, '' = the 10 benchmark ones); difficulty 2 or 3 compares non-noise frames that far apart (harder
+  # noise sequences are their own folders, e.g. gaussian_noise_2). imagenet_p_baseline: a JSON of another
+  # model's flip probabilities / top-5 distances (AlexNet's for the benchmark's mFR, or an eval.json).
+  c.evaluate = dict(suites="", imagenet_c_corruptions="", imagenet_c_severities="", imagenet_p_dir="",
+                    imagenet_p_perturbations="", imagenet_p_difficulty=1, imagenet_p_baseline="")
   # mode='label': the teacher (config.model) from teacher_workdir/export over data.unlabeled_source.
   # micro_batch: images per forward pass within a device's rows (0: ~8 at 224 px on CPU, all elsewhere).
   # read_ahead_batches: batches the input decodes ahead of the model, from the job's start, while the teacher

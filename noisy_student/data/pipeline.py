@@ -19,7 +19,7 @@ import dataclasses
 import math
 import queue
 import threading
-from typing import Any, Iterable, Iterator, Optional, Tuple
+from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -227,11 +227,12 @@ def train_batch_spec(global_batch: int, image_size: int, num_classes: int, mesh=
 
 def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_size: int,
                  crop: str = "center", with_raw: bool = False, start_batch: int = 0,
-                 normalize: bool = True) -> tf.data.Dataset:
+                 normalize: bool = True, keep: Sequence[str] = ()) -> tf.data.Dataset:
   """This process's `num_batches` eval batches of batch_size, zero-padded with mask False.
 
-  with_raw keeps the encoded image bytes ('encoded') and the key ('key', when the source has it),
-  for the labeling job. start_batch skips whole batches before decoding (a resumed labeling job).
+  keep: further numeric features of the source's elements that go into the batches as they are (e.g. a
+  video frame's 'video' and 'frame'). with_raw keeps the encoded image bytes ('encoded') and the key ('key',
+  when the source has it), for the labeling job. start_batch skips whole batches before decoding (a resumed labeling job).
   normalize=False yields uint8 pixels for a consumer that normalizes on the device
   (`preprocess.normalize_pixels`): half the input pipeline's CPU time and a quarter of the bytes moved.
   """
@@ -247,6 +248,7 @@ def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_siz
       out["label"] = tf.cast(ex["label"], tf.int32)
     if "probabilities" in ex:
       out["targets"] = ex["probabilities"]
+    out.update({k: ex[k] for k in keep})
     if with_raw:
       out["encoded"] = ex["image"]
       if "key" in ex:
@@ -274,20 +276,20 @@ def eval_num_batches(source: Source, per_process_batch: int) -> int:
 
 def eval_iterator(source: Source, *, global_batch: int, image_size: int, crop: str = "center",
                   mesh=None, with_raw: bool = False, start_batch: int = 0,
-                  normalize: bool = True) -> Iterator[dict]:
+                  normalize: bool = True, keep: Sequence[str] = ()) -> Iterator[dict]:
   """Global eval batches covering every example of the source exactly once (mask marks padding).
 
   With with_raw, each batch also has 'local': this process's rows as numpy ('encoded', 'key', 'mask').
-  normalize=False: uint8 images, as in eval_dataset. The set-up runs in the call, on the caller's thread
-  (for a source without per-process counts it is a collective: every process agrees on the batch count);
-  only the batches come lazily, so the iterator may be consumed by another thread (ReadAhead) without a
-  collective there racing the caller's.
+  normalize=False (uint8 images) and keep (features passed through) as in eval_dataset. The set-up runs in
+  the call, on the caller's thread (for a source without per-process counts it is a collective: every
+  process agrees on the batch count); only the batches come lazily, so the iterator may be consumed by
+  another thread (ReadAhead) without a collective there racing the caller's.
   """
   mesh = mesh if mesh is not None else sharding.create_mesh()
   local = local_batch(global_batch, "global_batch", mesh, source.process_count)
   ds = eval_dataset(source, batch_size=local, num_batches=eval_num_batches(source, local),
                     image_size=image_size, crop=crop, with_raw=with_raw, start_batch=start_batch,
-                    normalize=normalize)
+                    normalize=normalize, keep=keep)
   return _global_batches(ds, mesh, with_raw)
 
 

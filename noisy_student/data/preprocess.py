@@ -15,7 +15,10 @@ CROP_PADDING = 32
 
 
 def decode(encoded: tf.Tensor) -> tf.Tensor:
-  """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [h, w, 3]."""
+  """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [h, w, 3]; an already decoded uint8 image (a video frame)
+  passes through."""
+  if encoded.dtype == tf.uint8:
+    return encoded
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
   return image
