@@ -3,6 +3,9 @@ the suite end to end on videos written here (equal on 1 and 8 devices, and to a 
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import av
 import jax
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from data_fixtures import REPO, free_port, subprocess_env
 from noisy_student import evaluate, sharding, trainer_loop
 from noisy_student.config_defaults import base_config
 from noisy_student.data import preprocess, videos
@@ -200,3 +204,51 @@ def test_imagenet_p_suite_end_to_end(tmp_path):
   assert all(0 < fp < 1 for fp in expected.values())  # some frames flip, some do not: not vacuous
   assert results[0]["mfr_partial"] == pytest.approx(np.mean(list(expected.values())), abs=1e-12)
   assert "mfr" not in results[0]
+
+
+TWO_PROCESSES = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    root, index, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=index)
+    import jax.numpy as jnp
+    from noisy_student import evaluate, sharding, trainer_loop
+    from noisy_student.config_defaults import base_config
+    config = base_config()
+    config.model.update(name="efficientnet-tiny", num_classes=1000, image_size=16)
+    config.data.update(eval_batch=8)
+    config.evaluate.update(suites="imagenet_p", imagenet_p_dir=root, imagenet_p_perturbations="tilt")
+    model = trainer_loop.build_model(config, 1000)
+    variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))()
+    result = evaluate.robustness(model, variables, config, sharding.create_mesh())
+    print(json.dumps({"result": result, "processes": jax.process_count()}))
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_result(tmp_path):
+  """Over jax.distributed (2 processes x 2 devices, gloo): each process decodes its own videos (process 0
+  videos 0 and 2, 11 frames; process 1 video 1, 9 frames, then padding) and both report what one process
+  reports."""
+  root = str(tmp_path / "imagenet_p")
+  _perturbation_folder(root, "tilt", np.random.default_rng(4), counts=((5, 9), (6,)))
+  port = str(free_port())
+  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, root, str(i), port], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(2), cwd=REPO)
+           for i in range(2)]
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    outs.append(json.loads(out.strip().splitlines()[-1]))
+  config = base_config()
+  config.model.update(name="efficientnet-tiny", num_classes=1000, image_size=16)
+  config.data.update(eval_batch=8)
+  config.evaluate.update(suites="imagenet_p", imagenet_p_dir=root, imagenet_p_perturbations="tilt")
+  model = trainer_loop.build_model(config, 1000)
+  variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))()
+  alone = evaluate.robustness(model, variables, config, sharding.create_mesh())
+  assert [o["processes"] for o in outs] == [2, 2]
+  assert outs[0]["result"] == outs[1]["result"] == json.loads(json.dumps(alone))
+  assert alone["imagenet_p"]["stability"]["tilt"]["videos"] == 3
