@@ -187,6 +187,14 @@ def make_top5_step(model, mesh: Mesh) -> Callable:
                  out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
+def imagenet_p_folder(perturbation: str, difficulty: int) -> str:
+  """The folder a perturbation is read from: harder noise sequences are folders of their own
+  (gaussian_noise_2), other perturbations are one folder compared at a stride."""
+  if is_noise(perturbation) and difficulty > 1 and not perturbation.endswith(("_2", "_3")):
+    return f"{perturbation}_{difficulty}"
+  return perturbation
+
+
 def is_noise(perturbation: str) -> bool:
   """Noise sequences are independent draws around one image: each frame is compared with the first."""
   return "noise" in perturbation
@@ -224,15 +232,20 @@ def perturbation_stability(top5_by_video: Sequence[np.ndarray], noise: bool,
           "videos": len(top5_by_video)}
 
 
-def read_baseline(path: str) -> Dict[str, Dict[str, float]]:
+def read_baseline(path: str, difficulty: int = 1) -> Dict[str, Dict[str, float]]:
   """A baseline's {perturbation: {'flip_probability', 'top5_distance'}}: that mapping as JSON, or an eval.json
-  of this code (its robustness.imagenet_p.stability). An error names the file and what is missing."""
+  of this code (its robustness.imagenet_p.stability, at the same difficulty). An error names the file and
+  what is wrong."""
   with open(path) as f:
     data = json.load(f)
   if "robustness" in data:
-    data = data["robustness"].get("imagenet_p", {}).get("stability")
-    if data is None:
+    suite = data["robustness"].get("imagenet_p", {})
+    if "stability" not in suite:
       raise ValueError(f"{path}: an eval.json without robustness.imagenet_p.stability.")
+    if suite.get("difficulty", 1) != difficulty:
+      raise ValueError(f"{path}: evaluated at ImageNet-P difficulty {suite.get('difficulty', 1)}, this run "
+                       f"at {difficulty} (config.evaluate.imagenet_p_difficulty).")
+    data = suite["stability"]
   for perturbation, values in data.items():
     missing = {"flip_probability", "top5_distance"} - set(values)
     if missing:
@@ -264,7 +277,7 @@ def imagenet_p(model, variables: Any, config, mesh: Mesh, perturbations: Sequenc
   root = config.evaluate.imagenet_p_dir
   step = make_top5_step(model, mesh)
   stability = {}
-  for perturbation in perturbations:
+  for perturbation in [imagenet_p_folder(p, difficulty) for p in perturbations]:
     source = videos.open_video_folder(os.path.join(root, perturbation))
     rows = []
     for batch in data_lib.eval_iterator(source, global_batch=config.data.eval_batch, mesh=mesh, crop="resize",
@@ -276,9 +289,9 @@ def imagenet_p(model, variables: Any, config, mesh: Mesh, perturbations: Sequenc
     stability[perturbation] = perturbation_stability(top5, is_noise(perturbation), difficulty)
   baseline_path = config.evaluate.imagenet_p_baseline
   if not baseline_path:
-    return {"stability": stability}
-  return dict(mean_flip_rate(stability, read_baseline(baseline_path), difficulty), stability=stability,
-              baseline=baseline_path)
+    return {"stability": stability, "difficulty": difficulty}
+  return dict(mean_flip_rate(stability, read_baseline(baseline_path, difficulty), difficulty),
+              stability=stability, difficulty=difficulty, baseline=baseline_path)
 
 
 def _names(value: str, known: Sequence[Any], key: str, cast=str, default: Optional[Sequence[Any]] = None) -> list:
@@ -302,13 +315,21 @@ def parse_suites(config) -> Dict[str, Any]:
                             "imagenet_p suite reads ImageNet-P's videos from there (PERTURBATION/WNID/*.mp4).")
   if ec.imagenet_p_difficulty not in (1, 2, 3):
     raise ValueError(f"config.evaluate.imagenet_p_difficulty={ec.imagenet_p_difficulty}: expected 1, 2 or 3.")
-  if "imagenet_p" in suites and ec.imagenet_p_baseline:
-    read_baseline(ec.imagenet_p_baseline)  # a bad file fails before training, not after
+  perturbations = _names(ec.imagenet_p_perturbations, IMAGENET_P_PERTURBATIONS + IMAGENET_P_EXTRA,
+                         "imagenet_p_perturbations", default=IMAGENET_P_PERTURBATIONS)
+  if "imagenet_p" in suites:  # what would fail after training fails now
+    videos.require_av()
+    folders = [imagenet_p_folder(p, ec.imagenet_p_difficulty) for p in perturbations]
+    missing = [f for f in folders if not os.path.isdir(os.path.join(ec.imagenet_p_dir, f))]
+    if missing:
+      raise FileNotFoundError(f"config.evaluate.imagenet_p_dir={ec.imagenet_p_dir!r} has no folder {missing} "
+                              "(config.evaluate.imagenet_p_perturbations / imagenet_p_difficulty).")
+    if ec.imagenet_p_baseline:
+      read_baseline(ec.imagenet_p_baseline, ec.imagenet_p_difficulty)
   return {"suites": suites,
           "corruptions": _names(ec.imagenet_c_corruptions, IMAGENET_C_CORRUPTIONS, "imagenet_c_corruptions"),
           "severities": _names(ec.imagenet_c_severities, IMAGENET_C_SEVERITIES, "imagenet_c_severities", int),
-          "perturbations": _names(ec.imagenet_p_perturbations, IMAGENET_P_PERTURBATIONS + IMAGENET_P_EXTRA,
-                                  "imagenet_p_perturbations", default=IMAGENET_P_PERTURBATIONS)}
+          "perturbations": perturbations}
 
 
 def robustness(model, variables: Any, config, mesh: Mesh) -> Dict[str, Any]:

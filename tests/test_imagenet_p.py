@@ -122,6 +122,8 @@ def test_mean_flip_rate_against_a_baseline(tmp_path):
       "stability": baseline}}}))
   assert evaluate.read_baseline(str(tmp_path / "alexnet.json")) == baseline
   assert evaluate.read_baseline(str(tmp_path / "eval.json")) == baseline
+  with pytest.raises(ValueError, match=r"eval.json: evaluated at ImageNet-P difficulty 1, this run at 2"):
+    evaluate.read_baseline(str(tmp_path / "eval.json"), difficulty=2)
   (tmp_path / "bad.json").write_text(json.dumps({"rotate": {"flip_probability": 0.1}}))
   with pytest.raises(ValueError, match=r"bad.json: 'rotate' lacks \['top5_distance'\]"):
     evaluate.read_baseline(str(tmp_path / "bad.json"))
@@ -158,6 +160,14 @@ def test_unreadable_videos_are_errors_naming_the_file(tmp_path):
   config.evaluate.update(imagenet_p_dir=str(tmp_path), imagenet_p_perturbations="rotate,wobble")
   with pytest.raises(ValueError, match=r"config.evaluate.imagenet_p_perturbations: unknown \['wobble'\]"):
     evaluate.parse_suites(config)
+  # Harder noise sequences are folders of their own; other perturbations stride through one folder.
+  (tmp_path / "gaussian_noise").mkdir()
+  config.evaluate.update(imagenet_p_perturbations="rotate,gaussian_noise", imagenet_p_difficulty=2)
+  with pytest.raises(FileNotFoundError, match=r"has no folder \['gaussian_noise_2'\]"):
+    evaluate.parse_suites(config)
+  assert [evaluate.imagenet_p_folder(p, d) for p, d in [("gaussian_noise", 1), ("shot_noise", 3), ("tilt", 3),
+                                                         ("speckle_noise_2", 2)]] == [
+      "gaussian_noise", "shot_noise_3", "tilt", "speckle_noise_2"]
 
 
 def test_imagenet_p_suite_end_to_end(tmp_path):

@@ -17,8 +17,11 @@ import tensorflow as tf
 
 from noisy_student.data.sources import Source, _process
 
+DECODE_PARALLELISM = max(1, min(8, os.cpu_count() or 1))  # videos decoded at once
 
-def _av():
+
+def require_av():
+  """PyAV, or an ImportError saying how to install it (checked before training when a suite needs it)."""
   try:
     import av  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -37,7 +40,7 @@ def list_videos(folder: str) -> List[str]:
 def probe(path: str) -> Tuple[int, int, int]:
   """(frames, height, width) of the video: the container's frame count, else its packets counted (no
   decoding)."""
-  av = _av()
+  av = require_av()
   try:
     with av.open(path) as container:
       stream = container.streams.video[0]
@@ -49,7 +52,7 @@ def probe(path: str) -> Tuple[int, int, int]:
 
 def read_frames(path: str, expected: Optional[int] = None) -> Iterator[np.ndarray]:
   """The video's frames as uint8 RGB [h, w, 3]; with `expected`, a different count is an error naming it."""
-  av = _av()
+  av = require_av()
   count = 0
   try:
     with av.open(path) as container:
@@ -71,17 +74,21 @@ def open_video_folder(folder: str, *, process_index: Optional[int] = None,
   _, height, width = probe(paths[0])  # every process gives its frames the same shape
   counts = [probe(paths[v])[0] for v in mine]
 
-  def frames():
-    for video, count in zip(mine, counts):
-      for index, image in enumerate(read_frames(paths[video], expected=count)):
-        if image.shape != (height, width, 3):
-          raise ValueError(f"{paths[video]}: frame {index} is {image.shape[:2]}, the folder's first video's "
-                           f"frames are {(height, width)}.")
-        yield {"image": image, "video": np.int32(video), "frame": np.int32(index)}
+  def frames(position):
+    video, count = mine[position], counts[position]
+    for index, image in enumerate(read_frames(paths[video], expected=count)):
+      if image.shape != (height, width, 3):
+        raise ValueError(f"{paths[video]}: frame {index} is {image.shape[:2]}, the folder's first video's "
+                         f"frames are {(height, width)}.")
+      yield {"image": image, "video": np.int32(video), "frame": np.int32(index)}
 
   signature = {"image": tf.TensorSpec([height, width, 3], tf.uint8),
                "video": tf.TensorSpec([], tf.int32), "frame": tf.TensorSpec([], tf.int32)}
-  dataset = tf.data.Dataset.from_generator(frames, output_signature=signature)
+  # Several videos decode at once (PyAV decodes outside the GIL); the order is fixed, and which frame of
+  # which video a row holds travels with it.
+  dataset = tf.data.Dataset.range(len(mine)).interleave(
+      lambda position: tf.data.Dataset.from_generator(frames, args=(position,), output_signature=signature),
+      cycle_length=DECODE_PARALLELISM, num_parallel_calls=DECODE_PARALLELISM, deterministic=True)
   return Source(spec=folder, dataset=dataset, num_examples=sum(counts), max_process_examples=None,
                 num_classes=None, process_index=process_index, process_count=process_count)
 
