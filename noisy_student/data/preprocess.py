@@ -17,6 +17,7 @@ CROP_PADDING = 32
 def decode(encoded: tf.Tensor) -> tf.Tensor:
   """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [h, w, 3]; an already decoded uint8 image (a video frame)
   passes through."""
+  encoded = tf.convert_to_tensor(encoded)
   if encoded.dtype == tf.uint8:
     return encoded
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
