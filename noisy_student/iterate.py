@@ -209,10 +209,11 @@ def _plain(result: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _robustness_columns(evaluation: Dict[str, Any]) -> Dict[str, float]:
-  """One headline number (percent) per robustness suite: top-1, or ImageNet-C's (partial) mCE."""
+  """One headline number (percent) per robustness suite: top-1, ImageNet-C's (partial) mCE, or ImageNet-P's
+  (partial) mFR where a baseline was given."""
   columns = {}
   for suite, result in evaluation.get("robustness", {}).items():
-    key = next((k for k in ("mce", "mce_partial", "top1") if k in result), None)
+    key = next((k for k in ("mce", "mce_partial", "mfr", "mfr_partial", "top1") if k in result), None)
     if key is not None:
       columns[f"{suite} {key.replace('top1', 'top-1')}"] = 100 * result[key]
   return columns

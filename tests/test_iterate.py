@@ -126,8 +126,10 @@ def test_table_adds_robustness_headlines_where_evaluated():
       {"name": "00_teacher", "model": "efficientnet-b0", "eval": {"top1": 0.5, "top5": 0.8}},
       {"name": "01_student", "model": "efficientnet-b0",
        "eval": {"top1": 0.6, "top5": 0.9, "robustness": {"imagenet_a": {"top1": 0.125, "count": 8.0},
-                                                          "imagenet_c": {"mce": 0.7, "ce": {}}}}}]}
+                                                          "imagenet_c": {"mce": 0.7, "ce": {}},
+                                                          "imagenet_p": {"mfr_partial": 0.25, "stability": {}}}}}]}
   lines = iterate.format_table(summary).splitlines()
-  assert lines[0].split() == ["stage", "model", "top-1", "top-5", "imagenet_a", "top-1", "imagenet_c", "mce"]
-  assert lines[1].split() == ["00_teacher", "efficientnet-b0", "50.00", "80.00", "-", "-"]
-  assert lines[2].split() == ["01_student", "efficientnet-b0", "60.00", "90.00", "12.50", "70.00"]
+  assert lines[0].split() == ["stage", "model", "top-1", "top-5", "imagenet_a", "top-1", "imagenet_c", "mce",
+                              "imagenet_p", "mfr_partial"]
+  assert lines[1].split() == ["00_teacher", "efficientnet-b0", "50.00", "80.00", "-", "-", "-"]
+  assert lines[2].split() == ["01_student", "efficientnet-b0", "60.00", "90.00", "12.50", "70.00", "25.00"]
