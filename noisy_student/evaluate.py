@@ -4,21 +4,11 @@ Noisy Student's robustness results (Xie et al., 2020, section 4) are ImageNet-A 
 ImageNet-P mFR. ImageNet-A and ImageNet-R hold 200 of ImageNet's 1,000 classes; as their authors evaluate,
 the 1000-way logits are restricted to those classes before ranking. ImageNet-C's mean corruption error (mCE,
 Hendrycks & Dietterich, 2019) divides each corruption's top-1 error, summed over severities 1-5, by
-AlexNet's, and averages over the 15 benchmark corruptions. ImageNet-P's mean flip rate (mFR, same paper)
-measures how often the top-1 prediction changes along a video of slowly growing perturbation: per
-perturbation the flip probability (FP) over frame pairs -- consecutive frames, or each frame against the
-first for the noise perturbations, whose frames are independent draws -- divided by AlexNet's, averaged over
-the 10 benchmark perturbations; the mean top-5 distance (mT5D) does the same for how far the top-5 ranking
-moves. ImageNet-P has no tfds dataset: its folder of videos is read directly (data/videos.py). FP and T5D
-are computed here as the benchmark's code does (difficulty 1 by default); AlexNet's values, the
-denominators, are not shipped with this code (we found no source to check them against), so rates are taken
-against a baseline file: AlexNet's values, or any model's eval.json (e.g. the teacher's, to see what
-self-training changed).
+AlexNet's, and averages over the 15 benchmark corruptions. ImageNet-P's mean flip rate (mFR,
+same paper) is computed in imagenet_p.py; this module runs it as one more suite.
 """
 
 import functools
-import json
-import os
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import jax
@@ -26,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from noisy_student import sharding
+from noisy_student import imagenet_p, sharding
 from noisy_student import data as data_lib
-from noisy_student.data import videos
 
 Array = jax.Array
 
@@ -66,13 +55,6 @@ ALEXNET_CORRUPTION_ERROR = {
 }
 IMAGENET_C_CORRUPTIONS = tuple(ALEXNET_CORRUPTION_ERROR)
 IMAGENET_C_SEVERITIES = (1, 2, 3, 4, 5)
-
-# ImageNet-P's 10 benchmark perturbations (its test set), its validation perturbations, and the noise
-# perturbations' harder sequences (difficulty 2 and 3), which are folders of their own.
-IMAGENET_P_PERTURBATIONS = ("gaussian_noise", "shot_noise", "motion_blur", "zoom_blur", "snow", "brightness",
-                            "translate", "rotate", "tilt", "scale")
-IMAGENET_P_EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate") + tuple(
-    f"{p}_{d}" for p in ("gaussian_noise", "shot_noise", "speckle_noise") for d in (2, 3))
 
 # Suite name -> (tfds source, class subset of the 1000-way logits, eval crop). ImageNet-C's images and
 # ImageNet-P's frames are already 224x224 crops, so they are resized whole to the model's size rather than
@@ -172,128 +154,6 @@ def mean_corruption_error(top1: Mapping[str, Mapping[int, float]]) -> Dict[str, 
   return {f"ce{suffix}": errors, f"mce{suffix}": float(np.mean(list(errors.values())))}
 
 
-def top5_step(variables: Mapping[str, Any], batch: Mapping[str, Array], *, model) -> Dict[str, Array]:
-  """Eval-mode top-5 classes of each frame, with the frame's video, index and mask."""
-  logits = model.apply(variables, batch["image"], train=False)
-  return {"top5": jax.lax.top_k(logits, 5)[1], "video": batch["video"], "frame": batch["frame"],
-          "mask": batch["mask"]}
-
-
-def make_top5_step(model, mesh: Mesh) -> Callable:
-  """`top5_step` jitted over `mesh`, its (small) results replicated so every process sees every frame's."""
-  sharding.check_auto_axes(mesh)
-  return jax.jit(functools.partial(top5_step, model=model),
-                 in_shardings=(None, sharding.batch_sharding(mesh)),
-                 out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-
-def imagenet_p_folder(perturbation: str, difficulty: int) -> str:
-  """The folder a perturbation is read from: harder noise sequences are folders of their own
-  (gaussian_noise_2), other perturbations are one folder compared at a stride."""
-  if is_noise(perturbation) and difficulty > 1 and not perturbation.endswith(("_2", "_3")):
-    return f"{perturbation}_{difficulty}"
-  return perturbation
-
-
-def is_noise(perturbation: str) -> bool:
-  """Noise sequences are independent draws around one image: each frame is compared with the first."""
-  return "noise" in perturbation
-
-
-def frame_pairs(num_frames: int, noise: bool, difficulty: int = 1) -> np.ndarray:
-  """[pairs, 2] (earlier, later) frame indices compared: (0, j) for noise, else frames `difficulty` apart."""
-  if noise:
-    return np.stack([np.zeros(num_frames - 1, int), np.arange(1, num_frames)], 1)
-  later = np.arange(difficulty, num_frames)
-  return np.stack([later - difficulty, later], 1)
-
-
-def top5_distance(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-  """How far the top-5 ranking moved, per row of [n, 5] class lists: for the i-th class of `before`, |i -
-  its place in `after`| (5 when it left the top 5), summed (the benchmark's top-5 distance)."""
-  same = before[:, :, None] == after[:, None, :]
-  place = np.where(same.any(-1), same.argmax(-1), 5)
-  return np.abs(np.arange(5) - place).sum(-1)
-
-
-def perturbation_stability(top5_by_video: Sequence[np.ndarray], noise: bool,
-                           difficulty: int = 1) -> Dict[str, float]:
-  """Flip probability and top-5 distance over videos ([frames, 5] top-5 classes each): per video the mean
-  over its frame pairs, then the mean over videos."""
-  flips, distances = [], []
-  for video, top5 in enumerate(top5_by_video):
-    pairs = frame_pairs(len(top5), noise, difficulty)
-    if not len(pairs):
-      raise ValueError(f"Video {video} has {len(top5)} frame(s): no pair {difficulty} apart to compare.")
-    before, after = top5[pairs[:, 0]], top5[pairs[:, 1]]
-    flips.append(np.mean(before[:, 0] != after[:, 0]))
-    distances.append(np.mean(top5_distance(before, after)))
-  return {"flip_probability": float(np.mean(flips)), "top5_distance": float(np.mean(distances)),
-          "videos": len(top5_by_video)}
-
-
-def read_baseline(path: str, difficulty: int = 1) -> Dict[str, Dict[str, float]]:
-  """A baseline's {perturbation: {'flip_probability', 'top5_distance'}}: that mapping as JSON, or an eval.json
-  of this code (its robustness.imagenet_p.stability, at the same difficulty). An error names the file and
-  what is wrong."""
-  with open(path) as f:
-    data = json.load(f)
-  if "robustness" in data:
-    suite = data["robustness"].get("imagenet_p", {})
-    if "stability" not in suite:
-      raise ValueError(f"{path}: an eval.json without robustness.imagenet_p.stability.")
-    if suite.get("difficulty", 1) != difficulty:
-      raise ValueError(f"{path}: evaluated at ImageNet-P difficulty {suite.get('difficulty', 1)}, this run "
-                       f"at {difficulty} (config.evaluate.imagenet_p_difficulty).")
-    data = suite["stability"]
-  for perturbation, values in data.items():
-    missing = {"flip_probability", "top5_distance"} - set(values)
-    if missing:
-      raise ValueError(f"{path}: {perturbation!r} lacks {sorted(missing)}.")
-  return data
-
-
-def mean_flip_rate(stability: Mapping[str, Mapping[str, float]], baseline: Mapping[str, Mapping[str, float]],
-                   difficulty: int = 1) -> Dict[str, Any]:
-  """Flip rates (FP / the baseline's FP) and top-5 distances relative to the baseline's per perturbation both
-  have, and 'mfr' / 'mt5d', their means over the 10 benchmark perturbations when all were evaluated at
-  difficulty 1: the benchmark's mFR and mT5D when the baseline is AlexNet's (fractions: the paper's 12.2 is
-  0.122). Otherwise 'mfr_partial' / 'mt5d_partial' over those rated, never confused with the benchmark's."""
-  rated = [p for p in stability if p in baseline]
-  if not rated:
-    return {}
-  fr = {p: stability[p]["flip_probability"] / baseline[p]["flip_probability"] for p in rated}
-  t5d = {p: stability[p]["top5_distance"] / baseline[p]["top5_distance"] for p in rated}
-  complete = difficulty == 1 and set(IMAGENET_P_PERTURBATIONS) <= set(rated)
-  suffix, over = ("", IMAGENET_P_PERTURBATIONS) if complete else ("_partial", rated)
-  return {f"fr{suffix}": fr, f"mfr{suffix}": float(np.mean([fr[p] for p in over])),
-          f"t5d{suffix}": t5d, f"mt5d{suffix}": float(np.mean([t5d[p] for p in over]))}
-
-
-def imagenet_p(model, variables: Any, config, mesh: Mesh, perturbations: Sequence[str],
-               difficulty: int = 1) -> Dict[str, Any]:
-  """Flip probability and top-5 distance over each perturbation folder of config.evaluate.imagenet_p_dir;
-  with config.evaluate.imagenet_p_baseline, the flip rates and mFR / mT5D against it."""
-  root = config.evaluate.imagenet_p_dir
-  step = make_top5_step(model, mesh)
-  stability = {}
-  for perturbation in [imagenet_p_folder(p, difficulty) for p in perturbations]:
-    source = videos.open_video_folder(os.path.join(root, perturbation))
-    rows = []
-    for batch in data_lib.eval_iterator(source, global_batch=config.data.eval_batch, mesh=mesh, crop="resize",
-                                        image_size=config.model.image_size, keep=("video", "frame")):
-      out = jax.device_get(step(variables, batch))
-      rows.append({k: v[out["mask"]] for k, v in out.items()})
-    rows = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-    top5 = videos.group_by_video(rows["video"], rows["frame"], rows["top5"])
-    stability[perturbation] = perturbation_stability(top5, is_noise(perturbation), difficulty)
-  baseline_path = config.evaluate.imagenet_p_baseline
-  if not baseline_path:
-    return {"stability": stability, "difficulty": difficulty}
-  return dict(mean_flip_rate(stability, read_baseline(baseline_path, difficulty), difficulty),
-              stability=stability, difficulty=difficulty, baseline=baseline_path)
-
-
 def _names(value: str, known: Sequence[Any], key: str, cast=str, default: Optional[Sequence[Any]] = None) -> list:
   """A comma list from the config, checked against the known names; '' means `default` (all of them)."""
   given = [v.strip() for v in str(value).split(",") if v.strip()]
@@ -310,22 +170,12 @@ def parse_suites(config) -> Dict[str, Any]:
   if suites and config.model.num_classes != 1000:
     raise ValueError(f"config.evaluate.suites={ec.suites!r} are ImageNet test sets (1,000 classes), but "
                      f"config.model.num_classes={config.model.num_classes}; set config.evaluate.suites=''.")
-  if "imagenet_p" in suites and not os.path.isdir(ec.imagenet_p_dir):
-    raise FileNotFoundError(f"config.evaluate.imagenet_p_dir={ec.imagenet_p_dir!r} is not a folder: the "
-                            "imagenet_p suite reads ImageNet-P's videos from there (PERTURBATION/WNID/*.mp4).")
   if ec.imagenet_p_difficulty not in (1, 2, 3):
     raise ValueError(f"config.evaluate.imagenet_p_difficulty={ec.imagenet_p_difficulty}: expected 1, 2 or 3.")
-  perturbations = _names(ec.imagenet_p_perturbations, IMAGENET_P_PERTURBATIONS + IMAGENET_P_EXTRA,
-                         "imagenet_p_perturbations", default=IMAGENET_P_PERTURBATIONS)
+  perturbations = _names(ec.imagenet_p_perturbations, imagenet_p.PERTURBATIONS + imagenet_p.EXTRA,
+                         "imagenet_p_perturbations", default=imagenet_p.PERTURBATIONS)
   if "imagenet_p" in suites:  # what would fail after training fails now
-    videos.require_av()
-    folders = [imagenet_p_folder(p, ec.imagenet_p_difficulty) for p in perturbations]
-    missing = [f for f in folders if not os.path.isdir(os.path.join(ec.imagenet_p_dir, f))]
-    if missing:
-      raise FileNotFoundError(f"config.evaluate.imagenet_p_dir={ec.imagenet_p_dir!r} has no folder {missing} "
-                              "(config.evaluate.imagenet_p_perturbations / imagenet_p_difficulty).")
-    if ec.imagenet_p_baseline:
-      read_baseline(ec.imagenet_p_baseline, ec.imagenet_p_difficulty)
+    imagenet_p.check_inputs(ec.imagenet_p_dir, perturbations, ec.imagenet_p_difficulty, ec.imagenet_p_baseline)
   return {"suites": suites,
           "corruptions": _names(ec.imagenet_c_corruptions, IMAGENET_C_CORRUPTIONS, "imagenet_c_corruptions"),
           "severities": _names(ec.imagenet_c_severities, IMAGENET_C_SEVERITIES, "imagenet_c_severities", int),
@@ -344,8 +194,10 @@ def robustness(model, variables: Any, config, mesh: Mesh) -> Dict[str, Any]:
   for suite in parsed["suites"]:
     spec, classes, crop = SUITES[suite]
     if suite == "imagenet_p":
-      results[suite] = imagenet_p(model, variables, config, mesh, parsed["perturbations"],
-                                  config.evaluate.imagenet_p_difficulty)
+      ec = config.evaluate
+      results[suite] = imagenet_p.evaluate(model, variables, mesh, ec.imagenet_p_dir, parsed["perturbations"],
+                                           global_batch=batch, image_size=size,
+                                           difficulty=ec.imagenet_p_difficulty, baseline=ec.imagenet_p_baseline)
       continue
     step = make_eval_step(model, mesh, classes)
     run = lambda spec: evaluate(step, variables, data_lib.open_source(spec, data_dir=data_dir), mesh=mesh,

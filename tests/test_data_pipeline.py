@@ -336,8 +336,12 @@ def test_read_ahead_runs_the_producer_ahead_and_keeps_order():
   with pytest.raises(OSError, match="corrupt record 7"):
     next(ahead)
   ahead.close()
+  produced.clear()
   ahead = pipeline.ReadAhead(items(10**6), depth=3)
   ahead.close()
+  stopped_at = len(produced)
+  time.sleep(0.2)
+  assert stopped_at <= 3 + 2 and len(produced) == stopped_at  # it stopped near `depth` and stays stopped
   assert not ahead._thread.is_alive()  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="depth must be >= 1"):
     pipeline.ReadAhead([], depth=0)

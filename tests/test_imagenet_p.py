@@ -1,4 +1,4 @@
-"""ImageNet-P: flip probability and top-5 distance as the benchmark defines them, the video folder reader, and
+"""imagenet_p.py / data/videos.py: flip probability and top-5 distance as the benchmark defines them, the video folder reader, and
 the suite end to end on videos written here (equal on 1 and 8 devices, and to a plain per-frame loop)."""
 
 import json
@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from data_fixtures import REPO, free_port, subprocess_env
-from noisy_student import evaluate, sharding, trainer_loop
+from noisy_student import evaluate, imagenet_p, sharding, trainer_loop
 from noisy_student.config_defaults import base_config
 from noisy_student.data import preprocess, videos
 
@@ -76,57 +76,63 @@ def test_top5_distance_matches_the_definition_over_full_rankings():
   logits = rng.normal(size=(400, 1000))
   logits[1::2] = logits[::2] + rng.normal(0, 0.05, size=(200, 1000))  # small moves: distances 0 .. 10
   top5 = np.argsort(-logits, axis=-1, kind="stable")[:, :5]
-  got = evaluate.top5_distance(top5[::2], top5[1::2])
+  got = imagenet_p.top5_distance(top5[::2], top5[1::2])
   want = [_reference_top5_distance(a, b) for a, b in zip(logits[::2], logits[1::2])]
   np.testing.assert_array_equal(got, want)
   assert len(set(want)) > 3  # not all zero or all 10
   # By hand: classes 1 and 2 swap places, 5 leaves the top 5.
-  assert evaluate.top5_distance(np.array([[1, 2, 3, 4, 5]]), np.array([[2, 1, 3, 4, 9]])).tolist() == [3]
+  assert imagenet_p.top5_distance(np.array([[1, 2, 3, 4, 5]]), np.array([[2, 1, 3, 4, 9]])).tolist() == [3]
 
 
 def test_flip_probability_by_hand():
   top5 = lambda top1: np.array([[c, 900, 901, 902, 903] for c in top1])
   moving = [top5([3, 3, 5, 5, 3]), top5([1, 1, 1])]
-  stats = evaluate.perturbation_stability(moving, noise=False)
+  stats = imagenet_p.perturbation_stability(moving, noise=False)
   assert stats["flip_probability"] == (2 / 4 + 0) / 2 and stats["videos"] == 2
   assert stats["top5_distance"] == (2 * 5 / 4 + 0) / 2  # a flip moves the old top class out: |0 - 5|
   # Noise: every frame against the first; difficulty 2: frames two apart.
-  assert evaluate.perturbation_stability([top5([3, 5, 3, 3])], noise=True)["flip_probability"] == 1 / 3
-  assert evaluate.perturbation_stability([top5([3, 3, 5, 5, 3])], noise=False, difficulty=2)[
+  assert imagenet_p.perturbation_stability([top5([3, 5, 3, 3])], noise=True)["flip_probability"] == 1 / 3
+  assert imagenet_p.perturbation_stability([top5([3, 3, 5, 5, 3])], noise=False, difficulty=2)[
       "flip_probability"] == 1.0
   with pytest.raises(ValueError, match="Video 0 has 2 frame"):
-    evaluate.perturbation_stability([top5([1, 2])], noise=False, difficulty=2)
+    imagenet_p.perturbation_stability([top5([1, 2])], noise=False, difficulty=2)
   rng = np.random.default_rng(1)
   for noise in (False, True):
     for difficulty in (1, 2, 3):
       top1 = [rng.integers(0, 3, size=n) for n in (4, 7, 9)]
-      got = evaluate.perturbation_stability([top5(t) for t in top1], noise, difficulty)["flip_probability"]
+      got = imagenet_p.perturbation_stability([top5(t) for t in top1], noise, difficulty)["flip_probability"]
       assert got == pytest.approx(_reference_flip_probability(top1, noise, difficulty), abs=1e-15)
 
 
 def test_mean_flip_rate_against_a_baseline(tmp_path):
-  names = evaluate.IMAGENET_P_PERTURBATIONS
+  names = imagenet_p.PERTURBATIONS
   baseline = {p: {"flip_probability": 0.1 * (i + 1), "top5_distance": 1.0 + i} for i, p in enumerate(names)}
   baseline["speckle_noise"] = {"flip_probability": 0.5, "top5_distance": 2.0}
   stability = {p: {"flip_probability": 0.05, "top5_distance": 0.5} for p in names + ("speckle_noise",)}
-  result = evaluate.mean_flip_rate(stability, baseline)
+  result = imagenet_p.mean_flip_rate(stability, baseline)
   assert result["fr"]["rotate"] == pytest.approx(0.05 / 0.8)
   assert result["mfr"] == pytest.approx(np.mean([0.05 / (0.1 * (i + 1)) for i in range(10)]))  # the 10 only
   assert result["mt5d"] == pytest.approx(np.mean([0.5 / (1.0 + i) for i in range(10)]))
-  partial = evaluate.mean_flip_rate({"rotate": stability["rotate"], "tilt": stability["tilt"]}, baseline)
+  partial = imagenet_p.mean_flip_rate({"rotate": stability["rotate"], "tilt": stability["tilt"]}, baseline)
   assert "mfr" not in partial and partial["mfr_partial"] == pytest.approx((0.05 / 0.8 + 0.05 / 0.9) / 2)
-  assert "mfr" not in evaluate.mean_flip_rate(stability, baseline, difficulty=2)
+  assert "mfr" not in imagenet_p.mean_flip_rate(stability, baseline, difficulty=2)
   # A baseline file: the mapping itself, or an eval.json of this code.
   (tmp_path / "alexnet.json").write_text(json.dumps(baseline))
   (tmp_path / "eval.json").write_text(json.dumps({"top1": 0.5, "robustness": {"imagenet_p": {
       "stability": baseline}}}))
-  assert evaluate.read_baseline(str(tmp_path / "alexnet.json")) == baseline
-  assert evaluate.read_baseline(str(tmp_path / "eval.json")) == baseline
+  assert imagenet_p.read_baseline(str(tmp_path / "alexnet.json")) == baseline
+  assert imagenet_p.read_baseline(str(tmp_path / "eval.json")) == baseline
   with pytest.raises(ValueError, match=r"eval.json: evaluated at ImageNet-P difficulty 1, this run at 2"):
-    evaluate.read_baseline(str(tmp_path / "eval.json"), difficulty=2)
+    imagenet_p.read_baseline(str(tmp_path / "eval.json"), difficulty=2)
   (tmp_path / "bad.json").write_text(json.dumps({"rotate": {"flip_probability": 0.1}}))
   with pytest.raises(ValueError, match=r"bad.json: 'rotate' lacks \['top5_distance'\]"):
-    evaluate.read_baseline(str(tmp_path / "bad.json"))
+    imagenet_p.read_baseline(str(tmp_path / "bad.json"))
+  (tmp_path / "zero.json").write_text(json.dumps({"rotate": {"flip_probability": 0, "top5_distance": 1}}))
+  with pytest.raises(ValueError, match=r"zero.json: 'rotate' has .* both must be positive numbers"):
+    imagenet_p.read_baseline(str(tmp_path / "zero.json"))
+  (tmp_path / "cut.json").write_text('{"rotate": {"flip_prob')
+  with pytest.raises(ValueError, match=r"ImageNet-P baseline .*cut.json: not a readable JSON file"):
+    imagenet_p.read_baseline(str(tmp_path / "cut.json"))
 
 
 def test_video_folder_parts_cover_every_frame_once(tmp_path):
@@ -150,6 +156,12 @@ def test_unreadable_videos_are_errors_naming_the_file(tmp_path):
   bad.write_bytes(b"not a video at all" * 100)
   with pytest.raises(ValueError, match="broken.mp4: not a readable video"):
     videos.open_video_folder(str(tmp_path / "rotate"), process_index=0, process_count=1)
+  with av.open(str(tmp_path / "streamless.mp4"), mode="w") as container:  # a header and nothing else
+    stream = container.add_stream("libx264", rate=10)
+    stream.width, stream.height = 32, 32
+    container.start_encoding()
+  with pytest.raises(ValueError, match="streamless.mp4: no video stream in it"):
+    videos.probe(str(tmp_path / "streamless.mp4"))
   with pytest.raises(ValueError, match=r"Video 3: frames \[0, 2\] are not 0..1"):
     videos.group_by_video([3, 3], [0, 2], np.zeros((2, 5)))
   config = base_config()
@@ -165,7 +177,7 @@ def test_unreadable_videos_are_errors_naming_the_file(tmp_path):
   config.evaluate.update(imagenet_p_perturbations="rotate,gaussian_noise", imagenet_p_difficulty=2)
   with pytest.raises(FileNotFoundError, match=r"has no folder \['gaussian_noise_2'\]"):
     evaluate.parse_suites(config)
-  assert [evaluate.imagenet_p_folder(p, d) for p, d in [("gaussian_noise", 1), ("shot_noise", 3), ("tilt", 3),
+  assert [imagenet_p.folder(p, d) for p, d in [("gaussian_noise", 1), ("shot_noise", 3), ("tilt", 3),
                                                          ("speckle_noise_2", 2)]] == [
       "gaussian_noise", "shot_noise_3", "tilt", "speckle_noise_2"]
 
@@ -222,18 +234,21 @@ TWO_PROCESSES = textwrap.dedent("""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     root, index, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=index)
-    import jax.numpy as jnp
-    from noisy_student import evaluate, sharding, trainer_loop
-    from noisy_student.config_defaults import base_config
-    config = base_config()
-    config.model.update(name="efficientnet-tiny", num_classes=1000, image_size=16)
-    config.data.update(eval_batch=8)
-    config.evaluate.update(suites="imagenet_p", imagenet_p_dir=root, imagenet_p_perturbations="tilt")
-    model = trainer_loop.build_model(config, 1000)
-    variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))()
-    result = evaluate.robustness(model, variables, config, sharding.create_mesh())
-    print(json.dumps({"result": result, "processes": jax.process_count()}))
+    sys.path.insert(0, "tests")
+    from test_imagenet_p import tilt_suite
+    print(json.dumps({"result": tilt_suite(root), "processes": jax.process_count()}))
 """)
+
+
+def tilt_suite(root):
+  """The imagenet_p suite on `root`'s tilt videos for efficientnet-tiny (1000 classes, 16 px, init seed 0)."""
+  config = base_config()
+  config.model.update(name="efficientnet-tiny", num_classes=1000, image_size=16)
+  config.data.update(eval_batch=8)
+  config.evaluate.update(suites="imagenet_p", imagenet_p_dir=root, imagenet_p_perturbations="tilt")
+  model = trainer_loop.build_model(config, 1000)
+  variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))()
+  return evaluate.robustness(model, variables, config, sharding.create_mesh())
 
 
 @pytest.mark.slow
@@ -252,13 +267,7 @@ def test_two_processes_give_the_one_process_result(tmp_path):
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
     outs.append(json.loads(out.strip().splitlines()[-1]))
-  config = base_config()
-  config.model.update(name="efficientnet-tiny", num_classes=1000, image_size=16)
-  config.data.update(eval_batch=8)
-  config.evaluate.update(suites="imagenet_p", imagenet_p_dir=root, imagenet_p_perturbations="tilt")
-  model = trainer_loop.build_model(config, 1000)
-  variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))()
-  alone = evaluate.robustness(model, variables, config, sharding.create_mesh())
+  alone = tilt_suite(root)
   assert [o["processes"] for o in outs] == [2, 2]
   assert outs[0]["result"] == outs[1]["result"] == json.loads(json.dumps(alone))
   assert alone["imagenet_p"]["stability"]["tilt"]["videos"] == 3

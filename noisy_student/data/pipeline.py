@@ -232,7 +232,8 @@ def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_siz
 
   keep: further numeric features of the source's elements that go into the batches as they are (e.g. a
   video frame's 'video' and 'frame'). with_raw keeps the encoded image bytes ('encoded') and the key ('key',
-  when the source has it), for the labeling job. start_batch skips whole batches before decoding (a resumed labeling job).
+  when the source has it), for the labeling job. start_batch skips whole batches before decoding (a resumed
+  labeling job).
   normalize=False yields uint8 pixels for a consumer that normalizes on the device
   (`preprocess.normalize_pixels`): half the input pipeline's CPU time and a quarter of the bytes moved.
   """

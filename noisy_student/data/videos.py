@@ -43,11 +43,14 @@ def probe(path: str) -> Tuple[int, int, int]:
   av = require_av()
   try:
     with av.open(path) as container:
+      if not container.streams.video:
+        raise ValueError(f"{path}: no video stream in it.")
       stream = container.streams.video[0]
       frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-      return frames, stream.codec_context.height, stream.codec_context.width
-  except (av.error.FFmpegError, IndexError) as e:
+      height, width = stream.codec_context.height, stream.codec_context.width
+  except av.error.FFmpegError as e:
     raise ValueError(f"{path}: not a readable video ({e}).") from e
+  return frames, height, width
 
 
 def read_frames(path: str, expected: Optional[int] = None) -> Iterator[np.ndarray]:
