@@ -133,3 +133,45 @@ def test_unknown_crop_names_are_errors(photo):
     preprocess.train_image(photo[0], 32, tf.constant([0, 0]), crop="random")
   with pytest.raises(ValueError, match="center"):
     preprocess.eval_image(photo[0], 32, crop="inception")
+
+
+def _legacy_bicubic_reference(image, size, table_size=1024, a=-0.75):
+  """TF1 `resize_bicubic` in numpy, from its definition: output pixel i samples input i * in / out; Keys'
+  cubic with a = -0.75 at the fractional offset rounded to 1/1024 (TF's coefficient table); edge pixels
+  repeated."""
+
+  def cubic(s):
+    s = np.abs(s)
+    return np.where(s <= 1, ((a + 2) * s - (a + 3)) * s * s + 1,
+                    np.where(s < 2, ((a * s - 5 * a) * s + 8 * a) * s - 4 * a, 0.0))
+
+  def weights(n_in, n_out):
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+      x = i * (n_in / n_out)
+      base = int(np.floor(x))
+      delta = np.rint((x - base) * table_size) / table_size
+      for tap in (-1, 0, 1, 2):
+        w[i, min(max(base + tap, 0), n_in - 1)] += cubic(tap - delta)
+    return w
+
+  wy, wx = weights(image.shape[0], size), weights(image.shape[1], size)
+  return np.einsum("yh,hwc,xw->yxc", wy, image.astype(np.float64), wx)
+
+
+@pytest.mark.parametrize("shape,size", [((328, 328), 224), ((375, 500), 64), ((8, 11), 16), ((7, 7), 7)])
+def test_resize_is_the_official_legacy_bicubic(shape, size):
+  """The official code resizes with TF1's resize_bicubic; tf.image.resize's bicubic is another filter."""
+  image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+  reference = _legacy_bicubic_reference(image, size)
+  out = preprocess.resize_float(tf.constant(image), size).numpy()
+  assert out.shape == (size, size, 3) and out.dtype == np.float32
+  np.testing.assert_allclose(out, reference, atol=2e-3)
+  rounded = preprocess.resize(tf.constant(image), size).numpy()
+  assert rounded.dtype == np.uint8
+  np.testing.assert_array_equal(rounded, np.round(np.clip(out, 0, 255)).astype(np.uint8))
+  if shape != (size, size):  # tf.image.resize's bicubic (half-pixel centers, a = -0.5) is far from it
+    other = tf.image.resize(image, [size, size], method="bicubic").numpy()
+    assert np.abs(other - reference).max() > 10
+  else:  # the same size: every output pixel is its input pixel
+    np.testing.assert_array_equal(rounded, image)

@@ -45,10 +45,17 @@ def _decode_window(encoded, window):
   return image
 
 
+def resize_float(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Bicubic resize to [size, size], float32, as the official code: TF1's `resize_bicubic` (output pixel i
+  samples input i * in / out, Keys' cubic with a = -0.75, edge pixels repeated). `tf.image.resize`'s bicubic
+  is another filter (half-pixel centers, a = -0.5): up to 115 levels apart on a noisy image."""
+  return tf.raw_ops.ResizeBicubic(images=image[None], size=[size, size], align_corners=False,
+                                  half_pixel_centers=False)[0]
+
+
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Bicubic resize to [size, size] (no antialias, as the official code), back to uint8."""
-  out = tf.image.resize(image, [size, size], method="bicubic")
-  return tf.cast(tf.round(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
+  """`resize_float`, rounded back to uint8 (what RandAugment and the uint8 input path take)."""
+  return tf.cast(tf.round(tf.clip_by_value(resize_float(image, size), 0.0, 255.0)), tf.uint8)
 
 
 def center_window(shape, size: int, crop_padding: int = CROP_PADDING):
