@@ -20,7 +20,10 @@ The peer, beside the job: with `--peer_python=/tmp/timmvenv/bin/python` (a Pytho
 as benchmarks/timm_throughput.py's docstring says; a torchvision stand-in goes in PYTHONPATH), each of
 `--rounds` rounds times the job, then PyTorch + timm's b0 inference alone (channels-last, eval mode, the same
 batch and as many batches as the job has, in a child process under tuned glibc, without this process's
-allocator or XLA settings), so both see the same minutes of a machine whose speed drifts.
+allocator or XLA settings), so both see the same minutes of a machine whose speed drifts. timm's rate is
+printed three ways: sustained (all its timed batches over their total time, comparable with the job's end to
+end rate), its median batch, and its fastest batch (an extreme of many batches: with 192 batches it ran
+1.4x the median here).
 """
 
 import os
@@ -70,7 +73,8 @@ PEER_GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_
 
 
 def peer_inference(python: str, batch: int, size: int, batches: int):
-  """(median, fastest) img/s of PyTorch + timm's efficientnet_b0 inference over `batches` batches, run by
+  """(median batch, fastest batch, sustained) img/s of PyTorch + timm's efficientnet_b0 inference over
+  `batches` batches (sustained: all of them over their total time, as a job's rate), run by
   timm_throughput.py in a child process with this process's allocator and XLA settings removed."""
   env = {k: v for k, v in os.environ.items()
          if k not in ("LD_PRELOAD", "XLA_FLAGS") and not k.startswith("MIMALLOC_")
@@ -85,7 +89,7 @@ def peer_inference(python: str, batch: int, size: int, batches: int):
   if out.returncode or not lines:
     raise RuntimeError(f"The peer run ({python} {script}) failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
   row = json.loads(lines[-1][len("result: "):])["channels_last"]
-  return row["infer_img_s"], row["infer_max_img_s"]
+  return row["infer_img_s"], row["infer_max_img_s"], row["infer_sustained_img_s"]
 
 
 def main():
@@ -172,14 +176,16 @@ def main():
   # How much of the model's own speed the whole job keeps: the machine-independent part of the result.
   print(f"job / model alone (the job's passes): {t_model[micro] / job:.2f}")
   if len(jobs) > 1 or peers:
-    print("\n| round | job img/s | its loop img/s |" + (" timm inference img/s, median (fastest batch) | "
-                                                       "job / timm median (fastest) |" if peers else "")
-          + "\n|---|---|---|" + ("---|---|" if peers else ""))
+    print("\n| round | job img/s | its loop img/s |"
+          + (" timm inference img/s: sustained, median batch (fastest batch) | job / timm sustained, median "
+             "(fastest) |" if peers else "") + "\n|---|---|---|" + ("---|---|" if peers else ""))
     for r, (t_job, t_loop) in enumerate(jobs):
       row = f"| {r} | {n / t_job:.1f} | {n / t_loop:.1f} |"
       if peers:
-        median, fastest = peers[r]
-        row += f" {median:.1f} ({fastest:.1f}) | {n / t_job / median:.2f} ({n / t_job / fastest:.2f}) |"
+        median, fastest, sustained = peers[r]
+        rate = n / t_job
+        row += (f" {sustained:.1f}, {median:.1f} ({fastest:.1f}) | {rate / sustained:.2f}, {rate / median:.2f} "
+                f"({rate / fastest:.2f}) |")
       print(row)
 
 

@@ -11,7 +11,8 @@ Mirrors `benchmarks/model_throughput.py`: timm's model with random init and the 
 (dropout 0.2 before the classifier, stochastic depth 0.2 at the last block), a fixed random batch,
 one train step (train-mode forward, cross-entropy, backward, RMSprop lr 0.01 / alpha 0.9 /
 eps 1e-3 / momentum 0.9) and one eval-mode forward under torch.inference_mode(); the median of
-`--steps` timed steps after `--warmup`, with the fastest step beside it, for each memory format in
+`--steps` timed steps after `--warmup`, with the fastest step beside it (and, in the JSON result line, inference's
+sustained rate over all timed steps), for each memory format in
 `--formats`. `--bf16` runs both under CPU autocast to bfloat16. The allocator is whatever the
 calling environment set (LD_PRELOAD, GLIBC_TUNABLES); this script does not re-execute itself.
 Last, the rate of a float32 2048^3 matmul under torch, the ceiling to compare the model's FLOP rate with
@@ -49,7 +50,7 @@ def step_seconds(fn, steps, warmup):
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  return statistics.median(times), min(times)
+  return statistics.median(times), min(times), sum(times)
 
 
 def timm_steps(model_name, batch, resolution, num_classes, drop_rate, drop_path_rate, memory_format,
@@ -111,11 +112,12 @@ def measure(args, memory_format):
   # Inference first, as in model_throughput.py.
   if args.skip != "infer":
     model.eval()
-    median, fastest = step_seconds(infer, args.steps, args.warmup)
+    median, fastest, total = step_seconds(infer, args.steps, args.warmup)
     row["infer_img_s"], row["infer_max_img_s"] = args.batch / median, args.batch / fastest
+    row["infer_sustained_img_s"] = args.batch * args.steps / total  # all timed batches, as a job runs
   if args.skip != "train":
     model.train()
-    median, fastest = step_seconds(train_step, args.steps, args.warmup)
+    median, fastest, _ = step_seconds(train_step, args.steps, args.warmup)
     row["train_img_s"], row["train_max_img_s"] = args.batch / median, args.batch / fastest
   return row
 
