@@ -345,3 +345,47 @@ def test_read_ahead_runs_the_producer_ahead_and_keeps_order():
   assert not ahead._thread.is_alive()  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="depth must be >= 1"):
     pipeline.ReadAhead([], depth=0)
+
+
+def test_small_image_noise_is_the_official_order_and_sizes():
+  """crop='pad_crop' with RandAugment (CIFAR/SVHN): RandAugment with 4 px translate/cutout constants at
+  32 px, then a 16x16 Cutout of 128s, then the reflect-pad crop and flip - checked in numpy on draws chosen
+  by hand (TranslateX at M = 10 moves 32 // 8 = 4 px; the Cutout square is cropped and mirrored with the
+  image)."""
+  from noisy_student.data import randaugment as ra
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 128, (3, 32, 32, 3), dtype=np.uint8)  # never 128: the fills stand out
+  translate = ra.OPS.index("TranslateX")
+  draws = {"op": tf.constant([[translate, ra.OPS.index("Invert")]] * 3, tf.int32),
+           "negate": tf.constant([[False, False], [True, False], [False, False]]),
+           "center": tf.zeros([3, 2, 2], tf.int32)}
+  centers = np.array([[10, 20], [0, 0], [31, 5]], np.int32)
+  crops = {"offset": tf.constant([[0, 8], [4, 4], [8, 0]], tf.int32), "flip": tf.constant([False, True, True])}
+  out = pipeline._small_image_noise(tf.constant(images), draws, tf.constant(centers), crops,
+                                    pipeline.Noise(2, 10.0), pad=4).numpy()
+  for i, image in enumerate(images):
+    shifted = np.full_like(image, 128)
+    if draws["negate"][i, 0]:
+      shifted[:, :-4] = image[:, 4:]  # content moves left by 4
+    else:
+      shifted[:, 4:] = image[:, :-4]  # right by 4
+    expected = 255 - shifted
+    cy, cx = centers[i]
+    expected[max(cy - 8, 0):cy + 8, max(cx - 8, 0):cx + 8] = 128
+    padded = np.pad(expected, [[4, 4], [4, 4], [0, 0]], mode="reflect")
+    y, x = np.asarray(crops["offset"][i])
+    window = padded[y:y + 32, x:x + 32]
+    np.testing.assert_array_equal(out[i], window[:, ::-1] if crops["flip"][i] else window, err_msg=str(i))
+
+
+def test_pad_crop_batch_equals_per_image_pad_crop():
+  images = tf.constant(np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+  seeds = [tf.constant([s, 7], tf.int64) for s in range(4)]
+  draws = [preprocess.pad_crop_draw(s, 2, flip=True) for s in seeds]
+  batch = preprocess.pad_crop_batch(images, tf.stack([d["offset"] for d in draws]),
+                                    tf.stack([d["flip"] for d in draws]), 2).numpy()
+  for i, s in enumerate(seeds):
+    np.testing.assert_array_equal(batch[i], preprocess.pad_crop(images[i], 16, s, pad=2, flip=True).numpy())
+  flips = [bool(preprocess.pad_crop_draw(tf.constant([s, 1], tf.int64), 2, flip=True)["flip"]) for s in range(40)]
+  assert 10 < sum(flips) < 30
+  assert not any(bool(preprocess.pad_crop_draw(tf.constant([s, 1], tf.int64), 2)["flip"]) for s in range(40))

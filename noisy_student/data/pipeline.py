@@ -40,7 +40,10 @@ class Noise:
   """Input noise for one training run (the teacher's labeling pass uses none).
 
   RandAugment's translate/cutout sizes are the official pixel constants at 224px and are scaled down
-  proportionally for smaller images (so a 32px image is not translated entirely out of view).
+  proportionally for smaller images (so a 32px image is not translated entirely out of view). The
+  small-image crop (crop='pad_crop': CIFAR, SVHN) follows the official small-image recipe instead:
+  RandAugment with translate and cutout constants of image_size // 8 pixels, then a Cutout of side
+  image_size // 2, then the reflect-pad crop and flip (`_small_image_noise`).
   """
   randaugment_layers: int = 0  # N; 0 disables RandAugment
   randaugment_magnitude: float = 0.0  # M on the official 0..10 scale (larger is allowed)
@@ -103,25 +106,44 @@ def _targets(ex, num_classes):
   raise ValueError("A training source needs labels or soft labels; it was opened with labeled=False.")
 
 
+def _small_image_noise(images, draws, cutout_centers, pad_crop, noise: Noise, pad: int):
+  """The official small-image training noise on a uint8 batch: RandAugment with translate and cutout
+  constants of size // 8 pixels, a Cutout of side size // 2 (fill 128), then the reflect-pad crop and flip."""
+  size = int(images.shape[1])
+  images = ra.randaugment_batch(images, draws, noise.randaugment_magnitude, translate_const=size // 8,
+                                cutout_const=size // 8)
+  images = ra.cutout_at(images, size // 4, cutout_centers)
+  return preprocess.pad_crop_batch(images, pad_crop["offset"], pad_crop["flip"], pad)
+
+
 def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, stream_id, crop, flip,
                    pad, noise, cache, shuffle_buffer, is_labeled, rows=(0, 1)):
   scale = noise.geometry_scale(image_size)
   row, of = rows  # this process's share of every global batch of a source read whole (global order)
+  small = crop == "pad_crop" and noise.randaugment_layers > 0  # crops after RandAugment: see Noise
 
   def prepare(position, ex):
     s = tf.random.experimental.stateless_split(
         example_seed(seed, stream_id, source.process_index, position), 2)
-    image = preprocess.train_image(ex["image"], image_size, s[0], crop=crop, flip=flip, pad=pad)
+    if small:
+      image = preprocess.to_size(preprocess.decode(ex["image"]), image_size)
+    else:
+      image = preprocess.train_image(ex["image"], image_size, s[0], crop=crop, flip=flip, pad=pad)
     out = {"image": tf.ensure_shape(image, [image_size, image_size, 3]),
            "targets": _targets(ex, num_classes), "is_labeled": tf.constant(is_labeled)}
     if noise.randaugment_layers:  # drawn per example (resumable), applied per batch (fast)
       out["randaugment"] = ra.sample_layers(s[1], noise.randaugment_layers)
+    if small:
+      out["pad_crop"] = preprocess.pad_crop_draw(s[0], pad, flip)
+      out["cutout"] = ra.sample_layers(tf.random.experimental.stateless_fold_in(s[1], 1), 1)["center"][0]
     return out
 
   def finish(batch_):
     images = batch_.pop("image")
     draws = batch_.pop("randaugment", None)
-    if draws is not None:
+    if small:
+      images = _small_image_noise(images, draws, batch_.pop("cutout"), batch_.pop("pad_crop"), noise, pad)
+    elif draws is not None:
       images = ra.randaugment_batch(images, draws, noise.randaugment_magnitude,
                                     translate_const=ra.TRANSLATE_CONST * scale,
                                     cutout_const=ra.CUTOUT_CONST * scale)

@@ -94,22 +94,43 @@ def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor, flip: bool = 
   return tf.image.stateless_random_flip_left_right(image, seeds[1]) if flip else image
 
 
-def pad_crop(image: tf.Tensor, size: int, seed: tf.Tensor, pad: int = 4, flip: bool = False) -> tf.Tensor:
-  """Small images (CIFAR/SVHN path): resize to size if needed, reflect-pad `pad`, random size crop."""
+def to_size(image: tf.Tensor, size: int) -> tf.Tensor:
+  """A decoded image resized to [size, size] unless it already is (small images: CIFAR, SVHN, digits)."""
+  return tf.cond(tf.reduce_all(tf.equal(tf.shape(image)[:2], [size, size])),
+                 lambda: image, lambda: resize(image, size))
+
+
+def pad_crop_draw(seed: tf.Tensor, pad: int = 4, flip: bool = False):
+  """One image's pad-crop randomness: {'offset': [2] int32 in [0, 2 pad], 'flip': bool (False unless
+  `flip`)}, for pad_crop_batch."""
   seeds = tf.random.experimental.stateless_split(seed, 2)
-  shape = tf.shape(image)
-  image = tf.cond(tf.reduce_all(tf.equal(shape[:2], [size, size])),
-                  lambda: image, lambda: resize(image, size))
-  image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-  image = tf.image.stateless_random_crop(image, [size, size, 3], seeds[0])
-  return tf.image.stateless_random_flip_left_right(image, seeds[1]) if flip else image
+  offset = tf.random.stateless_uniform([2], seeds[0], minval=0, maxval=2 * pad + 1, dtype=tf.int32)
+  mirror = tf.random.stateless_uniform([], seeds[1]) < 0.5
+  return {"offset": offset, "flip": tf.logical_and(mirror, flip)}
+
+
+def pad_crop_batch(images: tf.Tensor, offset: tf.Tensor, flip: tf.Tensor, pad: int = 4) -> tf.Tensor:
+  """Reflect-pad [b, h, w, 3] by `pad`, take each image's [h, w] window at offset [b, 2], mirrored where
+  flip [b]: the official small-image crop, per image in one gather."""
+  height, width = tf.shape(images)[1], tf.shape(images)[2]
+  padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+  rows = offset[:, :1] + tf.range(height)[None]
+  cols = offset[:, 1:] + tf.range(width)[None]
+  cols = tf.where(flip[:, None], tf.reverse(cols, [1]), cols)
+  out = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+  return tf.ensure_shape(out, images.shape)
+
+
+def pad_crop(image: tf.Tensor, size: int, seed: tf.Tensor, pad: int = 4, flip: bool = False) -> tf.Tensor:
+  """Small images (CIFAR/SVHN path): resize to size if needed, reflect-pad `pad`, random size crop (and
+  random mirror with `flip`)."""
+  draw = pad_crop_draw(seed, pad, flip)
+  return pad_crop_batch(to_size(image, size)[None], draw["offset"][None], draw["flip"][None], pad)[0]
 
 
 def resize_whole(encoded: tf.Tensor, size: int) -> tf.Tensor:
   """Whole image resized to size (eval for tiny images such as digits, where cropping loses strokes)."""
-  image = decode(encoded)
-  return tf.cond(tf.reduce_all(tf.equal(tf.shape(image)[:2], [size, size])),
-                 lambda: image, lambda: resize(image, size))
+  return to_size(decode(encoded), size)
 
 
 # Normalization multiplies by the float32 reciprocal of the std instead of dividing: XLA:CPU divides that

@@ -10,8 +10,10 @@ Every op takes one image [h, w, 3] or a batch [b, h, w, 3] (per-image arguments 
 op once on the images that drew it (the input pipeline's path: for small images the per-op dispatch, not
 the pixels, is what costs); `randaugment` is the same for one image.
 
-One deliberate difference from the official TF code: Contrast blends towards the grayscale image's mean
-intensity (PIL's definition); the official code uses pixel_count / 256 there, which is a known bug.
+Ops compute what the official TF code computes, including what its uint8 arithmetic makes of levels past
+the 0..10 scale (Posterize and Solarize: `official_posterize_bits`, `official_solarize_threshold`) and its
+truncations (Sharpness, AutoContrast). One deliberate difference: Contrast blends towards the grayscale
+image's mean intensity (PIL's definition); the official code uses pixel_count / 256 there, a known bug.
 """
 
 import functools
@@ -64,7 +66,8 @@ def autocontrast(images):
   c = tf.cast(images, tf.float32)
   lo = tf.reduce_min(c, axis=[1, 2], keepdims=True)
   hi = tf.reduce_max(c, axis=[1, 2], keepdims=True)
-  stretched = tf.clip_by_value((c - lo) * 255.0 / tf.maximum(hi - lo, 1.0), 0.0, 255.0)
+  scale = 255.0 / tf.maximum(hi - lo, 1.0)
+  stretched = tf.clip_by_value(c * scale - lo * scale, 0.0, 255.0)  # the official code's float32 steps
   return tf.cast(tf.where(hi > lo, stretched, c), tf.uint8)
 
 
@@ -102,10 +105,24 @@ def rotate(images, degrees, fill=FILL):
 
 
 def posterize(image, bits):
-  """Keeps the top `bits` bits of every value (bits <= 0 gives black, as the official shift by 8)."""
+  """Keeps the top `bits` bits of every value (PIL's; bits <= 0 gives black). RandAugment passes its level
+  through `official_posterize_bits`."""
   shift = tf.cast(tf.clip_by_value(8 - bits, 0, 8), tf.uint8)
   kept = tf.bitwise.left_shift(tf.bitwise.right_shift(image, tf.minimum(shift, 7)), tf.minimum(shift, 7))
   return tf.where(shift >= 8, tf.zeros_like(image), kept)
+
+
+def official_posterize_bits(bits: int) -> int:
+  """The bits the official code actually keeps for Posterize's `int(4 L)`: it shifts uint8 pixels by
+  `8 - bits` converted to uint8 (wrapping), and TF's shift kernels clamp shifts to [0, 7], so any `bits`
+  outside 1..8 (M < 2.5, or M >= 22.5 such as the paper's 27) keeps 1 bit, not none or all."""
+  return bits if 1 <= bits <= 8 else 1
+
+
+def official_solarize_threshold(threshold: int) -> int:
+  """The threshold the official code actually compares uint8 pixels with for Solarize's `int(256 L)`:
+  converted to uint8, it wraps, so M = 10 inverts every pixel and M = 27 inverts those >= 179."""
+  return threshold % 256
 
 
 def solarize(image, threshold):
@@ -141,18 +158,22 @@ def brightness(image, factor):
 
 @_image_or_batch
 def sharpness(images, factor):
-  """Blend with PIL's SMOOTH-filtered image (borders unfiltered); 1 is the identity.
+  """Blend with the SMOOTH-filtered image (borders unfiltered); 1 is the identity.
 
-  SMOOTH is [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, rounded half up: summed here in integers (exact, and no
-  convolution kernel, which TF mis-shapes on an empty batch), so the result is PIL's bit for bit.
+  SMOOTH is [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 in float32, truncated to uint8 as the official code's
+  depthwise convolution and cast do (PIL rounds instead): the taps are summed here in the convolution's
+  row-major order, which gives its floats bit for bit (and no convolution kernel, which TF mis-shapes on an
+  empty batch).
   """
-  pixels = tf.cast(images, tf.int32)
+  pixels = tf.cast(images, tf.float32)
   height, width = tf.shape(pixels)[1] - 2, tf.shape(pixels)[2] - 2
-  total = 4 * pixels[:, 1:-1, 1:-1]  # the centre's weight is 5: 4 here + 1 among the 9 taps below
+  weights = [[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]
+  total = None
   for dy in range(3):
     for dx in range(3):
-      total += pixels[:, dy:dy + height, dx:dx + width]
-  smooth = tf.cast((2 * total + 13) // 26, tf.uint8)  # floor(total / 13 + 1/2)
+      tap = pixels[:, dy:dy + height, dx:dx + width] * tf.constant(weights[dy][dx] / 13.0, tf.float32)
+      total = tap if total is None else total + tap
+  smooth = tf.cast(tf.clip_by_value(total, 0.0, 255.0), tf.uint8)
   border = [[0, 0], [1, 1], [1, 1], [0, 0]]
   inner = tf.pad(tf.ones_like(smooth, tf.bool), border)
   degenerate = tf.where(inner, tf.pad(smooth, border), images)
@@ -182,7 +203,9 @@ def translate_y(images, pixels, fill=FILL):
 
 
 @_image_or_batch
-def _cutout_at(images, pad_size, center, fill=FILL):
+def cutout_at(images, pad_size, center, fill=FILL):
+  """A (2 pad_size)-square around each image's `center` ([2], or [b, 2]; taken modulo the image size),
+  clipped at the borders, set to `fill`."""
   shape = tf.shape(images)
   center = tf.reshape(center, [-1, 2])
   cy = (center[:, 0] % shape[1])[:, None, None, None]
@@ -195,7 +218,7 @@ def _cutout_at(images, pad_size, center, fill=FILL):
 
 def cutout(image, pad_size, seed, fill=FILL):
   """A (2 pad_size)-square at a uniformly random centre (clipped at borders) set to `fill`."""
-  return _cutout_at(image, pad_size, sample_layers(seed, 1)["center"], fill)
+  return cutout_at(image, pad_size, sample_layers(seed, 1)["center"], fill)
 
 
 def _apply(images, name, magnitude, negate, center, translate_const, cutout_const):
@@ -212,9 +235,9 @@ def _apply(images, name, magnitude, negate, center, translate_const, cutout_cons
   if name == "Rotate":
     return rotate(images, signed(level * 30.0))
   if name == "Posterize":
-    return posterize(images, int(level * 4))
+    return posterize(images, official_posterize_bits(int(level * 4)))
   if name == "Solarize":
-    return solarize(images, int(level * 256))
+    return solarize(images, official_solarize_threshold(int(level * 256)))
   if name == "Color":
     return color(images, factor)
   if name == "Contrast":
@@ -232,7 +255,7 @@ def _apply(images, name, magnitude, negate, center, translate_const, cutout_cons
   if name == "TranslateY":
     return translate_y(images, signed(level * translate_const))
   if name == "Cutout":
-    return _cutout_at(images, int(level * cutout_const), center)
+    return cutout_at(images, int(level * cutout_const), center)
   if name == "SolarizeAdd":
     return solarize_add(images, int(level * 110))
   raise ValueError(f"Unknown RandAugment op {name!r}; expected one of {OPS}.")
