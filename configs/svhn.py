@@ -2,7 +2,8 @@
 
 The official Noisy Student SVHN recipe: EfficientNet-B0 on 32x32 images with the small-image network,
 labeled batch 128, train split labeled, `extra` (531,131 images) as the unlabeled pool, soft pseudo-labels at
-temperature 1, unlabeled ratio 1 for the student with RandAugment. No flips (digits). The step count is our
+temperature 1, unlabeled ratio 1 for the student with RandAugment. No flips (digits). SVHN's own input
+mean/std (`normalization='svhn'`), as the official code and its released teacher. The step count is our
 choice (the official script sets none in its flags): 100 epochs of the labeled set.
 The whole loop (teacher, labeling, selection, noised students): add `--config.mode=iterate`.
 """
@@ -15,7 +16,7 @@ def get_config(arg=None):
   c.model.update(name="efficientnet-b0", num_classes=10, image_size=32, small_image=True)
   c.data.update(labeled="tfds:svhn_cropped:train", unlabeled_source="tfds:svhn_cropped:extra",
                 eval="tfds:svhn_cropped:test", labeled_batch=128, eval_batch=1000, crop="pad_crop",
-                eval_crop="resize", flip=False, ratio=0)
+                eval_crop="resize", flip=False, ratio=0, normalization="svhn")
   c.num_epochs = 100.0
   if arg == "student":
     c.data.ratio = 1

@@ -16,9 +16,10 @@ def base_config() -> ml_collections.ConfigDict:
   # unlabeled: pseudo-labeled TFRecord glob (a student); unlabeled_source: raw images the teacher labels.
   # global_order: every process reads the train sources whole, so batches are the same on any number of
   # processes (for datasets small enough to cache); False: each process reads only its own part.
+  # normalization: the input mean/std, 'imagenet' or 'svhn' (preprocess.NORMALIZATIONS, the official code's).
   c.data = dict(labeled="", unlabeled="", unlabeled_source="", eval="", ratio=0, labeled_batch=2048,
                 eval_batch=1024, randaugment_layers=0, randaugment_magnitude=0.0, crop="inception",
-                eval_crop="center", flip=True, data_dir="", global_order=False)
+                eval_crop="center", flip=True, data_dir="", global_order=False, normalization="imagenet")
   # frozen: regex over parameter paths ('blocks_3/expand_conv/kernel') that get no updates (fine-tuning).
   c.optimizer = dict(name="rmsprop", base_lr=0.016, weight_decay=1e-5, warmup_epochs=5.0,
                      schedule="exponential", ema_decay=0.9999, label_smoothing=0.1, frozen="")

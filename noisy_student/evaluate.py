@@ -125,11 +125,11 @@ def summary(totals: Mapping[str, float]) -> Dict[str, float]:
 
 
 def evaluate(step: Callable, variables: Any, source: data_lib.Source, *, global_batch: int,
-             image_size: int, crop: str, mesh: Mesh) -> Dict[str, float]:
+             image_size: int, crop: str, mesh: Mesh, normalization: str = "imagenet") -> Dict[str, float]:
   """Top-1 / top-5 of `variables` over the whole source: every example counted once on any device count."""
   totals = None
   for batch in data_lib.eval_iterator(source, global_batch=global_batch, image_size=image_size, crop=crop,
-                                      mesh=mesh):
+                                      mesh=mesh, normalization=normalization):
     totals = accumulate(totals, step(variables, batch))
   return summary(totals)
 

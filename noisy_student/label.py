@@ -67,7 +67,7 @@ def micro_batch_size(per_device: int, micro_batch: int = 0, backend: str = "",
   return max(d for d in range(1, min(micro_batch, per_device) + 1) if per_device % d == 0)
 
 
-def make_infer_step(model, mesh, micro_batch: int = 0):
+def make_infer_step(model, mesh, micro_batch: int = 0, normalization: str = "imagenet"):
   """Eval-mode logits (float32), batch-sharded in and out.
 
   Images are normalized float32, or uint8 pixels that the step normalizes itself (the labeling job's input:
@@ -82,7 +82,7 @@ def make_infer_step(model, mesh, micro_batch: int = 0):
 
   def forward(variables, images):
     if images.dtype == jnp.uint8:
-      images = preprocess.normalize_pixels(images)
+      images = preprocess.normalize_pixels(images, normalization)
     return model.apply(variables, images, train=False).astype(jnp.float32)
 
   def per_device(variables, images):
@@ -121,7 +121,8 @@ def _fingerprint(config: ml_collections.ConfigDict, num_batches: int, global_bat
   per_device = global_batch // sharding.batch_devices(mesh)
   return {"teacher": str(lc.teacher_workdir), "model": m.name, "num_classes": m.num_classes,
           "image_size": m.image_size, "source": config.data.unlabeled_source,
-          "eval_crop": config.data.get("eval_crop", "center"), "batch": global_batch,
+          "eval_crop": config.data.get("eval_crop", "center"),
+          "normalization": config.data.get("normalization", "imagenet"), "batch": global_batch,
           "num_batches": num_batches, "temperature": lc.temperature, "top_k": lc.top_k, "hard": bool(lc.hard),
           "num_bins": lc.num_bins, "micro_batch": micro_batch_size(per_device, lc.micro_batch,
                                                                   image_pixels=m.image_size**2)}
@@ -256,7 +257,7 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 def _run(config, variables, model, mesh, batches, folder, num_batches, bounds, done, start_shard, first, count,
          num_classes, fingerprint, process_count):
   lc = config.label
-  infer = make_infer_step(model, mesh, lc.micro_batch)
+  infer = make_infer_step(model, mesh, lc.micro_batch, config.data.get("normalization", "imagenet"))
   batch_spec = PartitionSpec(sharding.BATCH_AXES)
   writer = metric_writers.create_default_writer(just_logging=True)
   progress = periodic_actions.ReportProgress(num_train_steps=num_batches, writer=writer,

@@ -138,7 +138,8 @@ def evaluate(eval_step, variables, source, config, mesh) -> Dict[str, float]:
   """Top-1 / top-5 of `variables` over the whole eval source, at config's eval batch, size and crop."""
   return evaluate_lib.evaluate(eval_step, variables, source, global_batch=config.data.eval_batch,
                                image_size=config.model.image_size,
-                               crop=config.data.get("eval_crop", "center"), mesh=mesh)
+                               crop=config.data.get("eval_crop", "center"), mesh=mesh,
+                               normalization=config.data.get("normalization", "imagenet"))
 
 
 def robustness(model, variables, config, mesh) -> Dict[str, Any]:
@@ -258,6 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       seed=config.seed, start_step=start_step, unlabeled=unlabeled,
       ratio=config.data.ratio if unlabeled is not None else 0, mesh=mesh, num_classes=num_classes,
       crop=config.data.crop, flip=config.data.get("flip", True),
+      normalization=config.data.get("normalization", "imagenet"),
       noise=data_lib.Noise(config.data.randaugment_layers, config.data.randaugment_magnitude))
   if start_step < total_steps:
     batch_spec = data_lib.train_batch_spec(global_batch, config.model.image_size, num_classes, mesh)

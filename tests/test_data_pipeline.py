@@ -256,16 +256,18 @@ def test_eval_counts_every_example_once(data_dir, devices):
 def test_eval_batches_in_uint8_normalize_to_the_float_batches(data_dir):
   """normalize=False (the labeling job's input) gives uint8 pixels that normalize to the default batches."""
   src = sources.open_source("tfds:digits:test[:40]", data_dir=data_dir, with_key=True, **ONE)
-  floats = list(pipeline.eval_dataset(src, batch_size=16, num_batches=3, image_size=8, crop="resize",
-                                      with_raw=True).as_numpy_iterator())
   pixels = list(pipeline.eval_dataset(src, batch_size=16, num_batches=3, image_size=8, crop="resize",
                                       with_raw=True, normalize=False).as_numpy_iterator())
-  assert len(floats) == len(pixels) == 3
-  for f, u in zip(floats, pixels):
-    assert u["image"].dtype == np.uint8 and f["image"].dtype == np.float32
-    real = f["mask"]  # padding rows are zeros in both dtypes, not normalized zeros
-    np.testing.assert_array_equal(preprocess.normalize_pixels(u["image"][real]), f["image"][real])
-    np.testing.assert_array_equal(u["key"], f["key"])
+  for normalization in ("imagenet", "svhn"):
+    floats = list(pipeline.eval_dataset(src, batch_size=16, num_batches=3, image_size=8, crop="resize",
+                                        with_raw=True, normalization=normalization).as_numpy_iterator())
+    assert len(floats) == len(pixels) == 3
+    for f, u in zip(floats, pixels):
+      assert u["image"].dtype == np.uint8 and f["image"].dtype == np.float32
+      real = f["mask"]  # padding rows are zeros in both dtypes, not normalized zeros
+      np.testing.assert_array_equal(preprocess.normalize_pixels(u["image"][real], normalization),
+                                    f["image"][real])
+      np.testing.assert_array_equal(u["key"], f["key"])
 
 
 def test_pipelines_run_without_the_autotune_thread(data_dir):
@@ -389,3 +391,17 @@ def test_pad_crop_batch_equals_per_image_pad_crop():
   flips = [bool(preprocess.pad_crop_draw(tf.constant([s, 1], tf.int64), 2, flip=True)["flip"]) for s in range(40)]
   assert 10 < sum(flips) < 30
   assert not any(bool(preprocess.pad_crop_draw(tf.constant([s, 1], tf.int64), 2)["flip"]) for s in range(40))
+
+
+def test_train_batches_take_the_configured_normalization(data_dir, tmp_path):
+  """The same augmented pixels, standardized with SVHN's statistics instead of ImageNet's."""
+  (imagenet,) = _small_train(data_dir, tmp_path, 0, 1)
+  (svhn,) = _small_train(data_dir, tmp_path, 0, 1, normalization="svhn")
+  pixels = {}
+  for name, batch in (("imagenet", imagenet), ("svhn", svhn)):
+    mean, std = (np.asarray(v, np.float64) for v in preprocess.NORMALIZATIONS[name])
+    pixels[name] = batch["image"] * std + mean
+  np.testing.assert_allclose(pixels["svhn"], pixels["imagenet"], atol=1e-3)
+  assert np.abs(svhn["image"] - imagenet["image"]).max() > 0.1
+  with pytest.raises(ValueError, match="config.data.normalization='cifar'"):
+    _small_train(data_dir, tmp_path, 0, 1, normalization="cifar")

@@ -175,3 +175,20 @@ def test_resize_is_the_official_legacy_bicubic(shape, size):
     assert np.abs(other - reference).max() > 10
   else:  # the same size: every output pixel is its input pixel
     np.testing.assert_array_equal(rounded, image)
+
+
+@pytest.mark.parametrize("normalization", sorted(preprocess.NORMALIZATIONS))
+def test_normalizations_are_the_official_statistics_on_both_paths(normalization):
+  """config.data.normalization: ImageNet's or SVHN's mean/std (the official task_info), the same float32 in
+  tf.data and in a jitted step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  official = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+              "svhn": ([0.4376821, 0.4437697, 0.47280442], [0.19803012, 0.20101562, 0.19703614])}
+  mean, std = (np.asarray(v) * 255 for v in official[normalization])
+  pixels = np.stack([np.arange(256, dtype=np.uint8)] * 3, axis=-1).reshape(16, 16, 3)
+  expected = preprocess.normalize(tf.constant(pixels), normalization).numpy()
+  np.testing.assert_allclose(expected, (pixels - mean) / std, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(jax.jit(preprocess.normalize_pixels, static_argnums=1)(
+      pixels, normalization)), expected)
+  with pytest.raises(ValueError, match=r"config.data.normalization='cifar' is not one of \['imagenet', 'svhn'\]"):
+    preprocess.normalize(tf.constant(pixels), "cifar")

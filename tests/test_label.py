@@ -142,9 +142,12 @@ def test_infer_step_normalizes_uint8_pixels_itself(teacher):
   mesh = sharding.create_mesh()
   pixels = np.asarray(jax.random.randint(jax.random.key(2), (2 * jax.device_count(), 16, 16, 3), 0, 256),
                       np.uint8)
-  expected = np.asarray(model.apply(variables, preprocess.normalize(tf.constant(pixels)).numpy(), train=False))
-  logits = label.make_infer_step(model, mesh, 1)(variables, jax.device_put(pixels, sharding.batch_sharding(mesh)))
-  np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-5)
+  for normalization in ("imagenet", "svhn"):
+    expected = np.asarray(model.apply(variables, preprocess.normalize(tf.constant(pixels), normalization).numpy(),
+                                      train=False))
+    logits = label.make_infer_step(model, mesh, 1, normalization)(
+        variables, jax.device_put(pixels, sharding.batch_sharding(mesh)))
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-5)
 
 
 def _cli(workdir, teacher_dir, *extra):

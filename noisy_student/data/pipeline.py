@@ -117,7 +117,7 @@ def _small_image_noise(images, draws, cutout_centers, pad_crop, noise: Noise, pa
 
 
 def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, stream_id, crop, flip,
-                   pad, noise, cache, shuffle_buffer, is_labeled, rows=(0, 1)):
+                   pad, noise, cache, shuffle_buffer, is_labeled, rows=(0, 1), normalization="imagenet"):
   scale = noise.geometry_scale(image_size)
   row, of = rows  # this process's share of every global batch of a source read whole (global order)
   small = crop == "pad_crop" and noise.randaugment_layers > 0  # crops after RandAugment: see Noise
@@ -147,7 +147,7 @@ def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, 
       images = ra.randaugment_batch(images, draws, noise.randaugment_magnitude,
                                     translate_const=ra.TRANSLATE_CONST * scale,
                                     cutout_const=ra.CUTOUT_CONST * scale)
-    return dict(batch_, image=preprocess.normalize(images))
+    return dict(batch_, image=preprocess.normalize(images, normalization))
 
   global_batch = batch * of
   ds = stream(source, start=start_step * global_batch, seed=seed, stream_id=stream_id, cache=cache,
@@ -163,7 +163,7 @@ def train_dataset(labeled: Source, *, batch_size: int, image_size: int, seed: in
                   unlabeled: Optional[Source] = None, unlabeled_batch_size: int = 0,
                   num_classes: Optional[int] = None, crop: str = "inception", flip: bool = True,
                   pad: int = 4, noise: Noise = Noise(), cache: Optional[bool] = None,
-                  shuffle_buffer: int = SHUFFLE_BUFFER,
+                  shuffle_buffer: int = SHUFFLE_BUFFER, normalization: str = "imagenet",
                   global_rows: Tuple[int, int] = (0, 1)) -> tf.data.Dataset:
   """This process's endless train batches (numpy via tf.data), from step `start_step`.
 
@@ -179,7 +179,8 @@ def train_dataset(labeled: Source, *, batch_size: int, image_size: int, seed: in
     if src is not None and src.num_classes and src.num_classes != num_classes:
       raise ValueError(f"{src.spec}: has {src.num_classes} classes, expected {num_classes}.")
   kw = dict(start_step=start_step, image_size=image_size, num_classes=num_classes, seed=seed, crop=crop,
-            flip=flip, pad=pad, noise=noise, cache=cache, shuffle_buffer=shuffle_buffer, rows=global_rows)
+            flip=flip, pad=pad, noise=noise, cache=cache, shuffle_buffer=shuffle_buffer, rows=global_rows,
+            normalization=preprocess.check_normalization(normalization))
   ds = _batched_train(labeled, batch=batch_size, stream_id=0, is_labeled=True, **kw)
   if unlabeled is not None and unlabeled_batch_size > 0:
     pseudo = _batched_train(unlabeled, batch=unlabeled_batch_size, stream_id=1, is_labeled=False, **kw)
@@ -214,7 +215,8 @@ def train_iterator(labeled: Source, *, labeled_batch: int, image_size: int, seed
   (process_count=1) while jax runs several processes are read in global order (see train_dataset's
   global_rows): the same batches as a one-process run, at the cost of every process reading every raw
   record; meant for datasets small enough to cache.
-  Other keyword arguments (crop, flip, pad, noise, num_classes, cache, shuffle_buffer) go to train_dataset.
+  Other keyword arguments (crop, flip, pad, noise, num_classes, cache, shuffle_buffer, normalization) go to
+  train_dataset.
   """
   mesh = mesh if mesh is not None else sharding.create_mesh()
   procs = labeled.process_count
@@ -249,7 +251,8 @@ def train_batch_spec(global_batch: int, image_size: int, num_classes: int, mesh=
 
 def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_size: int,
                  crop: str = "center", with_raw: bool = False, start_batch: int = 0,
-                 normalize: bool = True, keep: Sequence[str] = ()) -> tf.data.Dataset:
+                 normalize: bool = True, keep: Sequence[str] = (),
+                 normalization: str = "imagenet") -> tf.data.Dataset:
   """This process's `num_batches` eval batches of batch_size, zero-padded with mask False.
 
   keep: further numeric features of the source's elements that go into the batches as they are (e.g. a
@@ -265,7 +268,7 @@ def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_siz
 
   def prepare(ex):
     image = preprocess.eval_image(ex["image"], image_size, crop=crop)
-    image = preprocess.normalize(image) if normalize else image
+    image = preprocess.normalize(image, normalization) if normalize else image
     out = {"image": tf.ensure_shape(image, [image_size, image_size, 3]), "mask": tf.constant(True)}
     if "label" in ex:
       out["label"] = tf.cast(ex["label"], tf.int32)
@@ -299,7 +302,8 @@ def eval_num_batches(source: Source, per_process_batch: int) -> int:
 
 def eval_iterator(source: Source, *, global_batch: int, image_size: int, crop: str = "center",
                   mesh=None, with_raw: bool = False, start_batch: int = 0,
-                  normalize: bool = True, keep: Sequence[str] = ()) -> Iterator[dict]:
+                  normalize: bool = True, keep: Sequence[str] = (),
+                  normalization: str = "imagenet") -> Iterator[dict]:
   """Global eval batches covering every example of the source exactly once (mask marks padding).
 
   With with_raw, each batch also has 'local': this process's rows as numpy ('encoded', 'key', 'mask').
@@ -312,7 +316,7 @@ def eval_iterator(source: Source, *, global_batch: int, image_size: int, crop: s
   local = local_batch(global_batch, "global_batch", mesh, source.process_count)
   ds = eval_dataset(source, batch_size=local, num_batches=eval_num_batches(source, local),
                     image_size=image_size, crop=crop, with_raw=with_raw, start_batch=start_batch,
-                    normalize=normalize, keep=keep)
+                    normalize=normalize, keep=keep, normalization=normalization)
   return _global_batches(ds, mesh, with_raw)
 
 
