@@ -7,7 +7,9 @@ as the official svhn_offline.sh (its `final_base_lr=0.0002` is not mirrored: the
 ours). No flips (digits). SVHN's own input mean/std (`normalization='svhn'`), as the official code and its
 released teacher. The step count is our choice (the official script sets none in its flags): 100 epochs of
 the labeled set.
-The whole loop (teacher, labeling, selection, noised students): add `--config.mode=iterate`.
+The whole loop (teacher, labeling, selection, students at ratio 5): `configs/svhn.py:student
+--config.mode=iterate` (the students' RandAugment then also noises the teacher, as the paper's baselines;
+without `:student` the students are noised by dropout and stochastic depth only).
 """
 
 from noisy_student.config_defaults import base_config
@@ -20,6 +22,7 @@ def get_config(arg=None):
                 eval="tfds:svhn_cropped:test", labeled_batch=128, eval_batch=1000, crop="pad_crop",
                 eval_crop="resize", flip=False, ratio=0, normalization="svhn")
   c.num_epochs = 100.0
+  c.iterate.ratio = 5  # the students of mode=iterate, as the official svhn_offline.sh
   if arg == "student":  # the official local_scripts/svhn/svhn_offline.sh
     c.data.ratio = 5
     c.data.randaugment_layers = 2

@@ -170,6 +170,9 @@ def parse_suites(config) -> Dict[str, Any]:
   if suites and config.model.num_classes != 1000:
     raise ValueError(f"config.evaluate.suites={ec.suites!r} are ImageNet test sets (1,000 classes), but "
                      f"config.model.num_classes={config.model.num_classes}; set config.evaluate.suites=''.")
+  if suites and config.data.get("normalization", "imagenet") != "imagenet":
+    raise ValueError(f"config.evaluate.suites={ec.suites!r} are ImageNet test sets, standardized with "
+                     f"ImageNet's statistics, but config.data.normalization={config.data.normalization!r}.")
   if ec.imagenet_p_difficulty not in (1, 2, 3):
     raise ValueError(f"config.evaluate.imagenet_p_difficulty={ec.imagenet_p_difficulty}: expected 1, 2 or 3.")
   perturbations = _names(ec.imagenet_p_perturbations, imagenet_p.PERTURBATIONS + imagenet_p.EXTRA,

@@ -190,6 +190,7 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   if not config.data.unlabeled_source:
     raise ValueError("config.data.unlabeled_source is empty: name the images to label "
                      "(e.g. 'tfds:digits:train[50:]').")
+  preprocess.check_normalization(config.data.get("normalization", "imagenet"))  # before any work starts
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
   model = model_from_config(config.model)
   num_classes = config.model.num_classes

@@ -356,7 +356,7 @@ def test_small_image_noise_is_the_official_order_and_sizes():
   image)."""
   from noisy_student.data import randaugment as ra
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 128, (3, 32, 32, 3), dtype=np.uint8)  # never 128: the fills stand out
+  images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
   translate = ra.OPS.index("TranslateX")
   draws = {"op": tf.constant([[translate, ra.OPS.index("Invert")]] * 3, tf.int32),
            "negate": tf.constant([[False, False], [True, False], [False, False]]),

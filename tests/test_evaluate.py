@@ -175,6 +175,11 @@ def test_suites_on_a_model_that_is_not_imagenet_fail_before_training(tmp_path):
   config.evaluate.suites = "imagenet_a"
   with pytest.raises(ValueError, match="config.model.num_classes=10; set config.evaluate.suites=''"):
     trainer_loop.train_and_evaluate(config, str(tmp_path))
+  config.model.num_classes = 1000
+  config.data.normalization = "svhn"
+  with pytest.raises(ValueError, match="standardized with ImageNet's statistics, but "
+                                       "config.data.normalization='svhn'"):
+    trainer_loop.train_and_evaluate(config, str(tmp_path))
 
 
 def test_unknown_suite_or_corruption_is_an_error_naming_the_key(suite_config):

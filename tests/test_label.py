@@ -142,12 +142,22 @@ def test_infer_step_normalizes_uint8_pixels_itself(teacher):
   mesh = sharding.create_mesh()
   pixels = np.asarray(jax.random.randint(jax.random.key(2), (2 * jax.device_count(), 16, 16, 3), 0, 256),
                       np.uint8)
+  expected = np.asarray(model.apply(variables, preprocess.normalize(tf.constant(pixels)).numpy(), train=False))
+  logits = label.make_infer_step(model, mesh, 1)(variables, jax.device_put(pixels, sharding.batch_sharding(mesh)))
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-5)
+
+  class ChannelMeans:  # a "model" whose logits are its inputs' channel means: they show the normalization
+    num_classes = 3
+
+    def apply(self, variables, images, train):
+      del variables, train
+      return images.mean(axis=(1, 2))
+
   for normalization in ("imagenet", "svhn"):
-    expected = np.asarray(model.apply(variables, preprocess.normalize(tf.constant(pixels), normalization).numpy(),
-                                      train=False))
-    logits = label.make_infer_step(model, mesh, 1, normalization)(
-        variables, jax.device_put(pixels, sharding.batch_sharding(mesh)))
-    np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-5)
+    means = label.make_infer_step(ChannelMeans(), mesh, 1, normalization)(
+        {}, jax.device_put(pixels, sharding.batch_sharding(mesh)))
+    np.testing.assert_allclose(np.asarray(means), preprocess.normalize(tf.constant(pixels), normalization).numpy()
+                               .mean(axis=(1, 2)), rtol=1e-5, atol=1e-5)
 
 
 def _cli(workdir, teacher_dir, *extra):
@@ -274,3 +284,37 @@ def test_rerun_with_other_settings_rewrites_every_shard(teacher, one_process_lab
   for k in list(cold)[:50]:
     p = cold[k][2].astype(np.float64) ** 0.5
     np.testing.assert_allclose(hot[k][2], p / p.sum(), atol=2e-5)
+
+
+def test_the_configured_normalization_reaches_the_teacher(teacher, tmp_path, monkeypatch):
+  """config.data.normalization='svhn' (the official SVHN runs): the job's probabilities are the teacher's on
+  SVHN-standardized pixels, the shards' fingerprint says so, and an unknown name fails before any work."""
+  from noisy_student.data import sources  # pylint: disable=g-import-not-at-top
+  folder, variables = teacher
+  c = _config(folder)
+  c.label.shards_per_process = 1
+  c.data.update(unlabeled_source="tfds:digits:train[:64]", normalization="svhn")
+  asked, build = [], label.make_infer_step
+
+  def spy(model, mesh, micro_batch=0, normalization="imagenet"):
+    asked.append(normalization)
+    return build(model, mesh, micro_batch, normalization)
+  monkeypatch.setattr(label, "make_infer_step", spy)
+  label.label(c, str(tmp_path / "svhn"))
+  stats, records = _records(tmp_path / "svhn")
+  assert outputs.read_json(tmp_path / "svhn" / pseudo_labels.sidecar_name(0, 1))["fingerprint"][
+      "normalization"] == "svhn"
+  src = sources.open_source("tfds:digits:train[:64]", data_dir=digits_data_dir(), labeled=False, with_key=True,
+                            process_index=0, process_count=1)
+  originals = {ex["key"]: ex["image"] for ex in src.dataset.as_numpy_iterator()}
+  keys = sorted(originals)[:8]
+  model = model_from_config(c.model)
+  pixels = [preprocess.eval_image(originals[k], 16, crop="resize") for k in keys]
+  images = np.stack([preprocess.normalize(p, "svhn").numpy() for p in pixels])
+  expected = np.asarray(jax.nn.softmax(model.apply(variables, images, train=False)))
+  np.testing.assert_allclose(np.stack([records[k][2] for k in keys]), expected, atol=2e-5)
+  assert asked == ["svhn"]  # the job's step was built for SVHN's statistics (the step itself: test above)
+  c.data.normalization = "cifar"
+  with pytest.raises(ValueError, match="config.data.normalization='cifar'"):
+    label.label(c, str(tmp_path / "bad"))
+  assert not (tmp_path / "bad" / pseudo_labels.shard_name(0, 1)).exists()

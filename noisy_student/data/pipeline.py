@@ -135,7 +135,8 @@ def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, 
       out["randaugment"] = ra.sample_layers(s[1], noise.randaugment_layers)
     if small:
       out["pad_crop"] = preprocess.pad_crop_draw(s[0], pad, flip)
-      out["cutout"] = ra.sample_layers(tf.random.experimental.stateless_fold_in(s[1], 1), 1)["center"][0]
+      cutout_seed = tf.random.experimental.stateless_fold_in(s[1], tf.constant(1, tf.int64))
+      out["cutout"] = ra.sample_layers(cutout_seed, 1)["center"][0]
     return out
 
   def finish(batch_):

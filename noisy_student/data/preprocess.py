@@ -54,7 +54,7 @@ def _decode_window(encoded, window):
 
 def resize_float(image: tf.Tensor, size: int) -> tf.Tensor:
   """Bicubic resize to [size, size], float32, as the official code: TF1's `resize_bicubic` (output pixel i
-  samples input i * in / out, Keys' cubic with a = -0.75, edge pixels repeated). `tf.image.resize`'s bicubic
+  samples input i * in / out, the cubic convolution kernel with a = -0.75, edge pixels repeated). `tf.image.resize`'s bicubic
   is another filter (half-pixel centers, a = -0.5): up to 115 levels apart on a noisy image."""
   return tf.raw_ops.ResizeBicubic(images=image[None], size=[size, size], align_corners=False,
                                   half_pixel_centers=False)[0]

@@ -18,7 +18,8 @@ from flax import traverse_util
 
 from noisy_student.models import efficientnet
 
-# The normalization our input pipeline applies: (x - mean * 255) / (std * 255).
+# The default (ImageNet) normalization of our input pipeline: (x - mean * 255) / (std * 255), which Keras
+# models carry as layers.
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
 
