@@ -364,7 +364,7 @@ def test_small_image_noise_is_the_official_order_and_sizes():
   centers = np.array([[10, 20], [0, 0], [31, 5]], np.int32)
   crops = {"offset": tf.constant([[0, 8], [4, 4], [8, 0]], tf.int32), "flip": tf.constant([False, True, True])}
   out = pipeline._small_image_noise(tf.constant(images), draws, tf.constant(centers), crops,
-                                    pipeline.Noise(2, 10.0), pad=4).numpy()
+                                    pipeline.Noise(2, 10.0), pad=4, size=32).numpy()
   for i, image in enumerate(images):
     shifted = np.full_like(image, 128)
     if draws["negate"][i, 0]:
@@ -381,12 +381,17 @@ def test_small_image_noise_is_the_official_order_and_sizes():
 
 
 def test_pad_crop_batch_equals_per_image_pad_crop():
-  images = tf.constant(np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
-  seeds = [tf.constant([s, 7], tf.int64) for s in range(4)]
+  """Each image's window of its reflect-padded self (numpy) at its drawn offset, mirrored when drawn; one
+  image at a time (`pad_crop`) gives the same."""
+  images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+  seeds = [tf.constant([s, 7], tf.int64) for s in range(8)]
   draws = [preprocess.pad_crop_draw(s, 2, flip=True) for s in seeds]
-  batch = preprocess.pad_crop_batch(images, tf.stack([d["offset"] for d in draws]),
+  batch = preprocess.pad_crop_batch(tf.constant(images), tf.stack([d["offset"] for d in draws]),
                                     tf.stack([d["flip"] for d in draws]), 2).numpy()
-  for i, s in enumerate(seeds):
+  for i, (s, d) in enumerate(zip(seeds, draws)):
+    y, x = np.asarray(d["offset"])
+    window = np.pad(images[i], [[2, 2], [2, 2], [0, 0]], mode="reflect")[y:y + 16, x:x + 16]
+    np.testing.assert_array_equal(batch[i], window[:, ::-1] if bool(d["flip"]) else window, err_msg=str(i))
     np.testing.assert_array_equal(batch[i], preprocess.pad_crop(images[i], 16, s, pad=2, flip=True).numpy())
   flips = [bool(preprocess.pad_crop_draw(tf.constant([s, 1], tf.int64), 2, flip=True)["flip"]) for s in range(40)]
   assert 10 < sum(flips) < 30

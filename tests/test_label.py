@@ -69,6 +69,14 @@ def _records(folder):
   return stats, out
 
 
+def _originals(spec):
+  """{key: encoded image} of every example of a digits source."""
+  from noisy_student.data import sources  # pylint: disable=g-import-not-at-top
+  src = sources.open_source(spec, data_dir=digits_data_dir(), labeled=False, with_key=True, process_index=0,
+                            process_count=1)
+  return {ex["key"]: ex["image"] for ex in src.dataset.as_numpy_iterator()}
+
+
 def test_labels_every_image_once_with_the_eval_mode_teacher(teacher, one_process_labels):
   folder, variables = teacher
   out, summary = one_process_labels
@@ -78,10 +86,7 @@ def test_labels_every_image_once_with_the_eval_mode_teacher(teacher, one_process
       pseudo_labels.shard_name(i, 3) for i in range(3)]
   assert sum(s["examples"] for s in stats["shards"]) == 600
   # Every source image, by its tfds id, with its original encoded bytes.
-  from noisy_student.data import sources  # pylint: disable=g-import-not-at-top
-  src = sources.open_source(UNLABELED, data_dir=digits_data_dir(), labeled=False, with_key=True,
-                            process_index=0, process_count=1)
-  originals = {ex["key"]: ex["image"] for ex in src.dataset.as_numpy_iterator()}
+  originals = _originals(UNLABELED)
   assert set(records) == set(originals)
   assert all(records[k][3] == originals[k] for k in originals)
   # The distribution is the eval-mode teacher's softmax on eval preprocessing: recompute a few directly.
@@ -289,7 +294,6 @@ def test_rerun_with_other_settings_rewrites_every_shard(teacher, one_process_lab
 def test_the_configured_normalization_reaches_the_teacher(teacher, tmp_path, monkeypatch):
   """config.data.normalization='svhn' (the official SVHN runs): the job's probabilities are the teacher's on
   SVHN-standardized pixels, the shards' fingerprint says so, and an unknown name fails before any work."""
-  from noisy_student.data import sources  # pylint: disable=g-import-not-at-top
   folder, variables = teacher
   c = _config(folder)
   c.label.shards_per_process = 1
@@ -304,9 +308,7 @@ def test_the_configured_normalization_reaches_the_teacher(teacher, tmp_path, mon
   stats, records = _records(tmp_path / "svhn")
   assert outputs.read_json(tmp_path / "svhn" / pseudo_labels.sidecar_name(0, 1))["fingerprint"][
       "normalization"] == "svhn"
-  src = sources.open_source("tfds:digits:train[:64]", data_dir=digits_data_dir(), labeled=False, with_key=True,
-                            process_index=0, process_count=1)
-  originals = {ex["key"]: ex["image"] for ex in src.dataset.as_numpy_iterator()}
+  originals = _originals("tfds:digits:train[:64]")
   keys = sorted(originals)[:8]
   model = model_from_config(c.model)
   pixels = [preprocess.eval_image(originals[k], 16, crop="resize") for k in keys]

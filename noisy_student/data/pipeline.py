@@ -106,10 +106,10 @@ def _targets(ex, num_classes):
   raise ValueError("A training source needs labels or soft labels; it was opened with labeled=False.")
 
 
-def _small_image_noise(images, draws, cutout_centers, pad_crop, noise: Noise, pad: int):
-  """The official small-image training noise on a uint8 batch: RandAugment with translate and cutout
-  constants of size // 8 pixels, a Cutout of side size // 2 (fill 128), then the reflect-pad crop and flip."""
-  size = int(images.shape[1])
+def _small_image_noise(images, draws, cutout_centers, pad_crop, noise: Noise, pad: int, size: int):
+  """The official small-image training noise on a uint8 [b, size, size, 3] batch: RandAugment with
+  translate and cutout constants of size // 8 pixels, a Cutout of side size // 2 (fill 128), then the
+  reflect-pad crop and flip."""
   images = ra.randaugment_batch(images, draws, noise.randaugment_magnitude, translate_const=size // 8,
                                 cutout_const=size // 8)
   images = ra.cutout_at(images, size // 4, cutout_centers)
@@ -143,7 +143,8 @@ def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, 
     images = batch_.pop("image")
     draws = batch_.pop("randaugment", None)
     if small:
-      images = _small_image_noise(images, draws, batch_.pop("cutout"), batch_.pop("pad_crop"), noise, pad)
+      images = _small_image_noise(images, draws, batch_.pop("cutout"), batch_.pop("pad_crop"), noise, pad,
+                                  image_size)
     elif draws is not None:
       images = ra.randaugment_batch(images, draws, noise.randaugment_magnitude,
                                     translate_const=ra.TRANSLATE_CONST * scale,
