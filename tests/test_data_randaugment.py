@@ -95,26 +95,50 @@ def test_posterize_and_solarize_levels_as_the_official_code_computes_them(images
     np.testing.assert_array_equal(ra.apply_op(img, "Solarize", 10, SEED), 255 - images[6])
 
 
+def _smooth_row_major(img):
+  """SMOOTH in float32, taps summed in row-major order, each product rounded (no fused multiply-add)."""
+  pixels = img.astype(np.float32)
+  h, w = img.shape[0] - 2, img.shape[1] - 2
+  weights = [[1, 1, 1], [1, 5, 1], [1, 1, 1]]
+  total = np.zeros((h, w, img.shape[2]), np.float32)
+  for dy in range(3):
+    for dx in range(3):
+      total = total + pixels[dy:dy + h, dx:dx + w] * np.float32(weights[dy][dx] / 13.0)
+  return np.clip(total, 0, 255).astype(np.uint8)
+
+
 def test_sharpness_and_autocontrast_truncate_as_the_official_code(images):
-  """Sharpness: the official float32 depthwise SMOOTH convolution, clipped and truncated; AutoContrast: its
-  `x * scale + offset` in float32, truncated. Bit for bit, on images and on random noise."""
+  """Sharpness: SMOOTH summed in float32 and truncated, then blended; AutoContrast: `x * scale + offset` in
+  float32, truncated. Bit for bit against numpy's float32 arithmetic, on images and on random noise.
+
+  The official code filters with TF's depthwise convolution, whose float32 sums depend on the CPU: on CPUs
+  without AVX-512 it equals the row-major sum bit for bit; with AVX-512 its kernel rounds differently and a
+  few pixels come out one level apart (measured: 5 of 3,072 after the blend). So against that convolution,
+  computed here on this machine, the bound is one level on at most 1% of pixels.
+  """
   noise = np.random.default_rng(0).integers(0, 256, (2, 40, 48, 3), dtype=np.uint8)
+  kernel = tf.tile(tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32, shape=[3, 3, 1, 1]) / 13.0,
+                   [1, 1, 3, 1])
   for img in list(images[:3]) + list(noise):
-    kernel = tf.tile(tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32, shape=[3, 3, 1, 1]) / 13.0,
-                     [1, 1, 3, 1])
-    smooth = tf.nn.depthwise_conv2d(tf.cast(img, tf.float32)[None], kernel, [1, 1, 1, 1], "VALID")[0]
-    smooth = tf.cast(tf.clip_by_value(smooth, 0.0, 255.0), tf.uint8).numpy()
-    degenerate = img.copy()
-    degenerate[1:-1, 1:-1] = smooth
-    for factor in (0.3, 1.9):
-      blended = np.clip(degenerate + np.float32(factor) * (img.astype(np.float32) - degenerate), 0, 255)
-      np.testing.assert_array_equal(ra.sharpness(tf.constant(img), factor), blended.astype(np.uint8))
+    official = tf.nn.depthwise_conv2d(tf.cast(img, tf.float32)[None], kernel, [1, 1, 1, 1], "VALID")[0]
+    official = tf.cast(tf.clip_by_value(official, 0.0, 255.0), tf.uint8).numpy()
+    for smooth, exact in ((_smooth_row_major(img), True), (official, False)):
+      degenerate = img.copy()
+      degenerate[1:-1, 1:-1] = smooth
+      for factor in (0.3, 1.9):
+        blended = np.clip(degenerate + np.float32(factor) * (img.astype(np.float32) - degenerate), 0, 255)
+        ours = np.asarray(ra.sharpness(tf.constant(img), factor)).astype(int)
+        diff = np.abs(ours - blended.astype(np.uint8))
+        if exact:
+          np.testing.assert_array_equal(diff, 0)
+        else:
+          assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.01 * diff.size, (factor, np.count_nonzero(diff))
     low = (img // 3 + 70).astype(np.uint8)
     lo = low.min(axis=(0, 1)).astype(np.float32)
     hi = low.max(axis=(0, 1)).astype(np.float32)
     scale = np.float32(255.0) / (hi - lo)
-    official = np.clip(low.astype(np.float32) * scale + (-lo * scale), 0, 255).astype(np.uint8)
-    np.testing.assert_array_equal(ra.autocontrast(tf.constant(low)), official)
+    expected = np.clip(low.astype(np.float32) * scale + (-lo * scale), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(ra.autocontrast(tf.constant(low)), expected)
 
 
 def test_autocontrast_and_equalize_match_pil(images):

@@ -161,9 +161,10 @@ def sharpness(images, factor):
   """Blend with the SMOOTH-filtered image (borders unfiltered); 1 is the identity.
 
   SMOOTH is [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 in float32, truncated to uint8 as the official code's
-  depthwise convolution and cast do (PIL rounds instead): the taps are summed here in the convolution's
-  row-major order, which gives its floats bit for bit (and no convolution kernel, which TF mis-shapes on an
-  empty batch).
+  depthwise convolution and cast do (PIL rounds instead): the taps are summed here in row-major order, which
+  gives that convolution's floats bit for bit on CPUs without AVX-512 (with it, TF's kernel rounds a few
+  pixels one level apart: the official result itself depends on the CPU). No convolution kernel: TF
+  mis-shapes it on an empty batch.
   """
   pixels = tf.cast(images, tf.float32)
   height, width = tf.shape(pixels)[1] - 2, tf.shape(pixels)[2] - 2
