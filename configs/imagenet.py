@@ -6,7 +6,7 @@ Variants `model=b0..b7,l0,l1,l2` and `stage=teacher|student|finetune`. `stage=fi
 layers fixed, from a finished run: `--config.init_from=gs://BUCKET/l2/export` (paper: L2 88.2 -> 88.4). Our
 choices where the reference is silent: stem + stages 1-3 frozen, a tenth of the training lr without warmup,
 the eval center crop without flips, dropout and stochastic depth kept. For b0-b7 the test resolution is the
-training one, so there it only fine-tunes on un-augmented images. Numbers from ../shared/reference/efficientnet.md
+training one, so there it only fine-tunes on un-augmented images. Numbers from docs/efficientnet.md
 and the Noisy Student paper: RMSProp, lr 0.016 per 256 labeled images, labeled batch 2048, 5-epoch warmup,
 x0.97 every 2.4 epochs, EMA 0.9999, label smoothing 0.1, dropout per model, stochastic depth 0.8;
 unlabeled batch = ratio x labeled, ratio 1 for small models and 3 for B7/L0/L1/L2. Students get RandAugment

@@ -16,7 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   # unlabeled: pseudo-labeled TFRecord glob (a student); unlabeled_source: raw images the teacher labels.
   # global_order: every process reads the train sources whole, so batches are the same on any number of
   # processes (for datasets small enough to cache); False: each process reads only its own part.
-  # normalization: the input mean/std, 'imagenet' or 'svhn' (preprocess.NORMALIZATIONS, the official code's).
+  # normalization: the input mean/std, 'imagenet' or 'svhn' (normalization.NORMALIZATIONS, the official code's).
   c.data = dict(labeled="", unlabeled="", unlabeled_source="", eval="", ratio=0, labeled_batch=2048,
                 eval_batch=1024, randaugment_layers=0, randaugment_magnitude=0.0, crop="inception",
                 eval_crop="center", flip=True, data_dir="", global_order=False, normalization="imagenet")

@@ -3,7 +3,7 @@
 A separate job from training (it imports no trainer): it loads a finished teacher's exported EMA variables
 (`config.label.teacher_workdir`/export), runs them in eval mode (no dropout, no stochastic depth, moving
 batch-norm statistics) with eval preprocessing at `config.model.image_size`, and writes, per process, its own
-shards of the records in the schema of ../shared/DESIGN.md.
+shards of the records in the schema of docs/design.md.
 
 Distribution and resumption. The global batch is sharded over every device of every process; each process
 keeps only its own rows (nothing is gathered to one host) and writes shards
@@ -32,6 +32,7 @@ from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from noisy_student import normalization as normalization_lib
 from noisy_student import checkpoint, outputs, pseudo_labels, sharding
 from noisy_student import data as data_lib
 from noisy_student.data import pipeline, preprocess
@@ -82,7 +83,7 @@ def make_infer_step(model, mesh, micro_batch: int = 0, normalization: str = "ima
 
   def forward(variables, images):
     if images.dtype == jnp.uint8:
-      images = preprocess.normalize_pixels(images, normalization)
+      images = normalization_lib.normalize_pixels(images, normalization)
     return model.apply(variables, images, train=False).astype(jnp.float32)
 
   def per_device(variables, images):
@@ -190,7 +191,7 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   if not config.data.unlabeled_source:
     raise ValueError("config.data.unlabeled_source is empty: name the images to label "
                      "(e.g. 'tfds:digits:train[50:]').")
-  preprocess.check_normalization(config.data.get("normalization", "imagenet"))  # before any work starts
+  normalization_lib.check_normalization(config.data.get("normalization", "imagenet"))  # before any work starts
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
   model = model_from_config(config.model)
   num_classes = config.model.num_classes

@@ -1,6 +1,6 @@
 """Pseudo-label records, their statistics, and the paper's selection (confidence filter + class balance).
 
-Records (one tf.train.Example each, schema in ../shared/DESIGN.md): `image/encoded`, `image/key`, `label`
+Records (one tf.train.Example each, schema in docs/design.md): `image/encoded`, `image/key`, `label`
 (the teacher's argmax), `confidence` (its probability) and the soft label, as `probabilities` (the whole
 distribution) or `topk/indices` + `topk/probabilities` (renormalized; for many classes). Hard-label runs
 write `label` alone.

@@ -1,6 +1,6 @@
 """Training library: train state, the paper's loss and optimization recipe, the sharded train step.
 
-One code path for every scale (../shared/DESIGN.md, "Parallelism"): `jax.jit` over a ('data', 'fsdp') mesh with
+One code path for every scale (docs/design.md, "Sharding"): `jax.jit` over a ('data', 'fsdp') mesh with
 `NamedSharding`, the batch split over both axes, the state replicated and donated. Batch-norm statistics are
 means over the global batch because jit sees the global array. Dropout / stochastic-depth keys are
 `fold_in(state.rng, state.step)`, so a step computes the same numbers on 1 or 8 devices.

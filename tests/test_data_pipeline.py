@@ -7,6 +7,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from data_fixtures import digits_data_dir
+from noisy_student import normalization as normalization_lib
 from noisy_student import sharding
 from noisy_student.data import pipeline, preprocess, sources
 
@@ -265,7 +266,7 @@ def test_eval_batches_in_uint8_normalize_to_the_float_batches(data_dir):
     for f, u in zip(floats, pixels):
       assert u["image"].dtype == np.uint8 and f["image"].dtype == np.float32
       real = f["mask"]  # padding rows are zeros in both dtypes, not normalized zeros
-      np.testing.assert_array_equal(preprocess.normalize_pixels(u["image"][real], normalization),
+      np.testing.assert_array_equal(normalization_lib.normalize_pixels(u["image"][real], normalization),
                                     f["image"][real])
       np.testing.assert_array_equal(u["key"], f["key"])
 
@@ -404,7 +405,7 @@ def test_train_batches_take_the_configured_normalization(data_dir, tmp_path):
   (svhn,) = _small_train(data_dir, tmp_path, 0, 1, normalization="svhn")
   pixels = {}
   for name, batch in (("imagenet", imagenet), ("svhn", svhn)):
-    mean, std = (np.asarray(v, np.float64) for v in preprocess.NORMALIZATIONS[name])
+    mean, std = (np.asarray(v, np.float64) for v in normalization_lib.NORMALIZATIONS[name])
     pixels[name] = batch["image"] * std + mean
   np.testing.assert_allclose(pixels["svhn"], pixels["imagenet"], atol=1e-3)
   assert np.abs(svhn["image"] - imagenet["image"]).max() > 0.1

@@ -8,6 +8,7 @@ import tensorflow as tf
 from PIL import Image
 
 from data_fixtures import color_digits
+from noisy_student import normalization as normalization_lib
 from noisy_student.data import preprocess
 
 
@@ -110,11 +111,11 @@ def test_grayscale_becomes_rgb_and_normalize():
   assert out.shape == (8, 8, 3)
   np.testing.assert_array_equal(out[..., 0], gray[..., 0])
   np.testing.assert_array_equal(out[..., 2], gray[..., 0])
-  mean = np.array(preprocess.MEAN_RGB)
+  mean = np.array(normalization_lib.MEAN_RGB)
   x = preprocess.normalize(tf.constant(np.broadcast_to(np.round(mean), (2, 2, 3)).astype(np.uint8))).numpy()
   assert x.dtype == np.float32 and np.abs(x).max() < 0.01
   white = preprocess.normalize(tf.fill([1, 1, 3], tf.constant(255, tf.uint8))).numpy()[0, 0]
-  np.testing.assert_allclose(white, (255 - mean) / np.array(preprocess.STDDEV_RGB), rtol=1e-6)
+  np.testing.assert_allclose(white, (255 - mean) / np.array(normalization_lib.STDDEV_RGB), rtol=1e-6)
 
 
 def test_normalize_pixels_equals_the_tf_normalize_bit_for_bit():
@@ -123,8 +124,8 @@ def test_normalize_pixels_equals_the_tf_normalize_bit_for_bit():
   import jax  # pylint: disable=g-import-not-at-top
   pixels = np.stack([np.arange(256, dtype=np.uint8)] * 3, axis=-1).reshape(16, 16, 3)
   expected = preprocess.normalize(tf.constant(pixels)).numpy()
-  np.testing.assert_array_equal(preprocess.normalize_pixels(pixels), expected)
-  on_device = jax.jit(preprocess.normalize_pixels)(pixels)
+  np.testing.assert_array_equal(normalization_lib.normalize_pixels(pixels), expected)
+  on_device = jax.jit(normalization_lib.normalize_pixels)(pixels)
   assert on_device.dtype == np.float32
   np.testing.assert_array_equal(np.asarray(on_device), expected)
 
@@ -178,7 +179,7 @@ def test_resize_is_the_official_legacy_bicubic(shape, size):
     np.testing.assert_array_equal(rounded, image)
 
 
-@pytest.mark.parametrize("normalization", sorted(preprocess.NORMALIZATIONS))
+@pytest.mark.parametrize("normalization", sorted(normalization_lib.NORMALIZATIONS))
 def test_normalizations_are_the_official_statistics_on_both_paths(normalization):
   """config.data.normalization: ImageNet's or SVHN's mean/std (the official task_info), the same float32 in
   tf.data and in a jitted step."""
@@ -189,7 +190,7 @@ def test_normalizations_are_the_official_statistics_on_both_paths(normalization)
   pixels = np.stack([np.arange(256, dtype=np.uint8)] * 3, axis=-1).reshape(16, 16, 3)
   expected = preprocess.normalize(tf.constant(pixels), normalization).numpy()
   np.testing.assert_allclose(expected, (pixels - mean) / std, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(jax.jit(preprocess.normalize_pixels, static_argnums=1)(
+  np.testing.assert_array_equal(np.asarray(jax.jit(normalization_lib.normalize_pixels, static_argnums=1)(
       pixels, normalization)), expected)
   with pytest.raises(ValueError, match=r"config.data.normalization='cifar' is not one of \['imagenet', 'svhn'\]"):
     preprocess.normalize(tf.constant(pixels), "cifar")

@@ -10,7 +10,7 @@ import pytest
 from noisy_student.models import create_model, efficientnet, ops
 
 # Trainable parameters and batch-norm statistics with a 1000-class head
-# (../shared/reference/efficientnet.md; equal for Keras, timm and the TF code).
+# (docs/efficientnet.md; equal for Keras, timm and the TF code).
 REFERENCE_COUNTS = {
     "b0": (5_288_548, 42_016), "b1": (7_794_184, 62_048), "b2": (9_109_994, 67_568),
     "b3": (12_233_232, 87_296), "b4": (19_341_616, 125_200), "b5": (30_389_784, 172_736),

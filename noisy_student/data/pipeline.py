@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from noisy_student import normalization as normalization_lib
 from noisy_student import sharding
 from noisy_student.data import preprocess
 from noisy_student.data import randaugment as ra
@@ -182,7 +183,7 @@ def train_dataset(labeled: Source, *, batch_size: int, image_size: int, seed: in
       raise ValueError(f"{src.spec}: has {src.num_classes} classes, expected {num_classes}.")
   kw = dict(start_step=start_step, image_size=image_size, num_classes=num_classes, seed=seed, crop=crop,
             flip=flip, pad=pad, noise=noise, cache=cache, shuffle_buffer=shuffle_buffer, rows=global_rows,
-            normalization=preprocess.check_normalization(normalization))
+            normalization=normalization_lib.check_normalization(normalization))
   ds = _batched_train(labeled, batch=batch_size, stream_id=0, is_labeled=True, **kw)
   if unlabeled is not None and unlabeled_batch_size > 0:
     pseudo = _batched_train(unlabeled, batch=unlabeled_batch_size, stream_id=1, is_labeled=False, **kw)

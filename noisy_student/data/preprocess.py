@@ -9,15 +9,8 @@ code does, which is what makes ImageNet input fast. Grayscale images become RGB.
 import numpy as np
 import tensorflow as tf
 
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-# Per-dataset input statistics of the official code (its task_info.get_mean_std), in 0..255 units: the
-# released SVHN teacher expects SVHN's own. config.data.normalization names one.
-NORMALIZATIONS = {
-    "imagenet": (MEAN_RGB, STDDEV_RGB),
-    "svhn": ((0.4376821 * 255, 0.4437697 * 255, 0.47280442 * 255),
-             (0.19803012 * 255, 0.20101562 * 255, 0.19703614 * 255)),
-}
+from noisy_student import normalization as normalization_lib
+
 CROP_PADDING = 32
 
 
@@ -140,30 +133,9 @@ def resize_whole(encoded: tf.Tensor, size: int) -> tf.Tensor:
   return to_size(decode(encoded), size)
 
 
-def check_normalization(name: str) -> str:
-  if name not in NORMALIZATIONS:
-    raise ValueError(f"config.data.normalization={name!r} is not one of {sorted(NORMALIZATIONS)}.")
-  return name
-
-
-# Normalization multiplies by the float32 reciprocal of the std instead of dividing: XLA:CPU divides that
-# way anyway, so tf.data and a jitted step give bit-identical floats (within 1 ulp of a true division).
-def _standardize(pixels, normalization: str):
-  """float32 pixels (tf, numpy or jax) -> standardized: the one formula both paths share."""
-  mean, stddev = NORMALIZATIONS[check_normalization(normalization)]
-  return (pixels - np.asarray(mean, np.float32)) * (np.float32(1.0) / np.asarray(stddev, np.float32))
-
-
 def normalize(image: tf.Tensor, normalization: str = "imagenet") -> tf.Tensor:
-  """uint8 RGB -> float32, the dataset's mean/std (in 0..255 units; ImageNet's by default), as the
-  official models expect."""
-  return _standardize(tf.cast(image, tf.float32), normalization)
-
-
-def normalize_pixels(images, normalization: str = "imagenet"):
-  """`normalize` for numpy or jax arrays (e.g. inside a jitted step, where it fuses into the stem): the
-  same float32 values, so a pipeline can ship uint8 and leave the arithmetic to the device."""
-  return _standardize(images.astype(np.float32), normalization)
+  """uint8 RGB -> float32 standardized by the dataset's statistics (normalization.py), in tf ops."""
+  return normalization_lib.standardize(tf.cast(image, tf.float32), normalization)
 
 
 TRAIN_CROPS = ("inception", "pad_crop", "resize", "center")
