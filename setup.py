@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "scikit-learn>=1.4",  # ships the embedded digits dataset
     "numpy>=1.26",
-    # The CPU entry points run under mimalloc (noisy_student/allocator.py): faster steps and compiles.
+    # The CPU entry points run under mimalloc (noisy_student/cpu/allocator.py): faster steps and compiles.
     "cmeel-mimalloc>=3.2; platform_system=='Linux'",
 ]
 

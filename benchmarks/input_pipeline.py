@@ -5,8 +5,9 @@
 Writes a mock ImageNet-like TFRecord set (500x375 JPEGs made from upscaled, tinted scikit-learn digits
 with noise, so the JPEGs have realistic sizes) to a temporary folder and times the same tf.data pipeline the
 trainer uses (official inception crop with decode_and_crop_jpeg, bicubic resize, flip, RandAugment,
-normalization, batching), after a warm-up batch. Also times the eval pipeline (center crop). Prints a table;
-compare it with benchmarks/train_step's img/s on the same machine.
+batching; uint8 out, standardized later by the step on the device), after a warm-up batch. Also times the
+eval pipeline (center crop). Prints a table; compare it with benchmarks/train_step's img/s on the same
+machine.
 """
 
 import argparse

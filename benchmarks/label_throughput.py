@@ -9,14 +9,14 @@ persistent compilation cache), the others are timed as the job (on one XLA:CPU d
 the CLI runs mode=label; XLA_FLAGS with a host device count overrides; the median round is reported), with
 its labeling loop alone (`label._run`, from the step's trace and compile-cache load to the last record; the
 teacher load before it and the manifest after it are fixed costs; the input has decoded ahead during the
-load, so on a short run the loop is faster than a long job's steady rate). Then times each part alone on the same data: the input
-pipeline (decode, center crop, resize, batching; uint8 out, as the job's: the model normalizes), the model on
-the same batches (in the job's micro-batches, config.label.micro_batch, and in one pass per batch), and
-building + writing the records.
+load, so on a short run the loop is faster than a long job's steady rate). Then times each part alone on the
+same data: the input pipeline (decode, center crop, resize, batching; uint8 out: the step standardizes), the
+model on the same batches (in the job's micro-batches, config.label.micro_batch, and in one pass per batch),
+and building + writing the records.
 The parts overlap in the job (tf.data runs ahead on its own threads), so the job is faster than their sum
 when the CPU has room.
 
-The peer, beside the job: with `--peer_python=/tmp/timmvenv/bin/python` (a Python with torch and timm, set up
+The peer, beside the job: with `--peer_python=TIMM_VENV/bin/python` (a Python with torch and timm, set up
 as benchmarks/timm_throughput.py's docstring says; a torchvision stand-in goes in PYTHONPATH), each of
 `--rounds` rounds times the job, then PyTorch + timm's b0 inference alone (channels-last, eval mode, the same
 batch and as many batches as the job has, in a child process under tuned glibc, without this process's
@@ -32,11 +32,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from noisy_student import allocator, cpu_devices  # noqa: E402
+from noisy_student.cpu import allocator  # noqa: E402
+from noisy_student.cpu import devices as host_devices  # noqa: E402
 
 if __name__ == "__main__" and "--no_reexec" not in sys.argv:
   allocator.reexec_with_fast_allocator()  # before jax allocates anything
-  cpu_devices.split_per_core()  # as `python -m noisy_student` does on a CPU
+  host_devices.split_per_core()  # as `python -m noisy_student` does on a CPU
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -137,7 +138,7 @@ def main():
     source = data_lib.open_source(src_path, labeled=False, with_key=True)
     start = time.perf_counter()
     batches = [b for b in data_lib.eval_iterator(source, global_batch=args.batch, image_size=args.size,
-                                                 mesh=mesh, with_raw=True, normalize=False)]
+                                                 mesh=mesh, with_raw=True)]
     t_input = time.perf_counter() - start
 
     replicated = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

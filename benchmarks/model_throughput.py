@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from noisy_student import allocator  # noqa: E402
+from noisy_student.cpu import allocator  # noqa: E402
 
 if __name__ == "__main__" and "--no_reexec" not in sys.argv:
   allocator.reexec_with_fast_allocator()  # before jax allocates anything

@@ -19,7 +19,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from noisy_student import allocator, cpu_devices  # noqa: E402
+from noisy_student.cpu import allocator  # noqa: E402
+from noisy_student.cpu import devices as host_devices  # noqa: E402
 
 # The functions models/efficientnet.py calls through `ops.`; a file must define them all.
 SWAPPED = ("conv2d", "depthwise_conv2d", "batch_norm_train", "batch_norm_inference", "swish",
@@ -95,5 +96,5 @@ if __name__ == "__main__":
   if "--no_reexec" not in sys.argv:
     allocator.reexec_with_fast_allocator()  # before jax allocates anything
   if parse_args(sys.argv[1:]).mode == "label":
-    cpu_devices.split_per_core()  # as `python -m noisy_student` labels on a CPU
+    host_devices.split_per_core()  # as `python -m noisy_student` labels on a CPU
   main(sys.argv[1:])

@@ -16,11 +16,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from noisy_student import allocator, cpu_devices  # noqa: E402
+from noisy_student.cpu import allocator  # noqa: E402
+from noisy_student.cpu import devices as host_devices  # noqa: E402
 
 if __name__ == "__main__" and "--no_reexec" not in sys.argv:
   allocator.reexec_with_fast_allocator()  # before jax allocates anything
-  cpu_devices.split_per_core()  # as `python -m noisy_student` does on a CPU
+  host_devices.split_per_core()  # as `python -m noisy_student` does on a CPU
 
 import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from noisy_student import data as data_lib  # noqa: E402
-from noisy_student import sharding, train, trainer_loop  # noqa: E402
+from noisy_student import sharding, train, trainer  # noqa: E402
 
 
 def load_config(spec: str):
@@ -53,15 +54,16 @@ def measure(config, steps: int, warmup: int):
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
   labeled = data_lib.open_source(config.data.labeled, data_dir=config.data.data_dir or None,
                                  num_classes=config.model.num_classes)
-  model = trainer_loop.build_model(config, config.model.num_classes)
-  schedule, tx = trainer_loop.build_optimizer(config, steps_per_epoch=100, total_steps=10_000)
+  model = trainer.build_model(config, config.model.num_classes)
+  schedule, tx = trainer.build_optimizer(config, steps_per_epoch=100, total_steps=10_000)
   state = train.create_train_state(model, tx, jax.random.key(0), config.model.image_size, mesh=mesh)
   step_fn = train.make_train_step(model, tx, mesh, label_smoothing=config.optimizer.label_smoothing,
-                                  ema_decay=config.optimizer.ema_decay, schedule=schedule)
+                                  ema_decay=config.optimizer.ema_decay, schedule=schedule,
+                                  normalization=config.data.normalization)
   batches = data_lib.train_iterator(
       labeled, labeled_batch=config.data.labeled_batch, image_size=config.model.image_size, seed=0,
       mesh=mesh, num_classes=config.model.num_classes, crop=config.data.crop,
-      flip=config.data.get("flip", True),
+      flip=config.data.flip,
       noise=data_lib.Noise(config.data.randaugment_layers, config.data.randaugment_magnitude))
   batch = next(batches)
   start = time.perf_counter()

@@ -14,7 +14,8 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from noisy_student import allocator, cpu_devices
+from noisy_student.cpu import allocator
+from noisy_student.cpu import devices as host_devices
 
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 _DEFAULT_CONFIG = os.path.join(_REPO_CONFIGS, "digits.py")
@@ -52,7 +53,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CPU_DEVICE_PER_CORE = flags.DEFINE_bool(
     "cpu_device_per_core", True, "In a single-process run, one XLA:CPU device per core (a power of two, up to "
     "8) unless XLA_FLAGS sets a host device count: b0 labels ~1.2x and trains ~1.5x faster on 2 cores that "
-    "way (cpu_devices.py). Harmless on an accelerator (it only adds host devices).")
+    "way (cpu/devices.py). Harmless on an accelerator (it only adds host devices).")
 _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", "gloo", "Collectives for multi-process CPU runs.")
 
 
@@ -92,13 +93,15 @@ def main(argv) -> None:
     workdir = _DEFAULT_WORKDIR
   single_process = not (_COORDINATOR.value or _DISTRIBUTED.value)  # several processes would share the cores
   if single_process and _CPU_DEVICE_PER_CORE.value:
-    cpu_devices.split_per_core()  # before jax starts its backends; see cpu_devices.py
+    host_devices.split_per_core()  # before jax starts its backends; see cpu/devices.py
   _initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   if _COMPILATION_CACHE.value:
     jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  from noisy_student import iterate, label, train, trainer_loop  # pylint: disable=g-import-not-at-top
+  # Deferred on purpose, not a cycle: these modules import jax, which must come after XLA_FLAGS (the host
+  # device count) and jax.distributed are set up above.
+  from noisy_student import iterate, label, trainer  # pylint: disable=g-import-not-at-top
   logging.info("%d %s device(s) in this process, %d in all.", jax.local_device_count(), jax.default_backend(),
                jax.device_count())
 
@@ -110,9 +113,9 @@ def main(argv) -> None:
 
   try:
     if config.mode == "train":
-      result = train.train_and_evaluate(config, str(workdir))
+      result = trainer.train_and_evaluate(config, str(workdir))
     elif config.mode == "evaluate":
-      result = trainer_loop.evaluate_checkpoint(config, str(workdir))
+      result = trainer.evaluate_checkpoint(config, str(workdir))
     elif config.mode == "label":
       result = label.label(config, str(workdir))
     elif config.mode == "iterate":

@@ -6,6 +6,7 @@ step to a temporary folder and renames it when complete, so an interrupted save 
 checkpoint.
 """
 
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import flax
@@ -19,13 +20,19 @@ class CheckpointMismatchError(ValueError):
   """The checkpoint's variables differ from the model's (another model, class count or optimizer)."""
 
 
+def _path(directory: str) -> epath.Path:
+  """orbax wants absolute paths: a relative local one (`--workdir=workdirs/run`) is taken from the current
+  directory; bucket paths (gs://...) are left as they are."""
+  return epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
+
+
 def create_manager(directory: str, *, max_to_keep: Optional[int] = 3,
                    save_interval_steps: int = 1) -> ocp.CheckpointManager:
   """A manager keeping the newest `max_to_keep` steps under `directory` (local path or gs://)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                          create=True)
   # Naming the handler lets a fresh manager (a restarted job) read item metadata before any save.
-  return ocp.CheckpointManager(epath.Path(directory), options=options,
+  return ocp.CheckpointManager(_path(directory), options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
 
 
@@ -100,7 +107,7 @@ def save_inference_variables(directory: str, variables: Any) -> None:
 
   Orbax writes to a temporary folder and renames it when complete, so a half-written export never loads.
   """
-  path = epath.Path(directory)
+  path = _path(directory)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, flax.serialization.to_state_dict(variables), force=True)
     ckptr.wait_until_finished()
@@ -109,7 +116,7 @@ def save_inference_variables(directory: str, variables: Any) -> None:
 def load_inference_variables(directory: str, template: Any) -> Any:
   """Variables saved by save_inference_variables, in the structure of `template` (e.g. jax.eval_shape of
   `model.init`); a missing export or another model / class count is an error naming the folder."""
-  path = epath.Path(directory)
+  path = _path(directory)
   if not (path.exists() and (path / "_CHECKPOINT_METADATA").exists()):
     raise FileNotFoundError(f"No exported teacher variables in {path} (a finished training run writes them "
                             "to WORKDIR/export).")

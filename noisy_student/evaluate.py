@@ -8,16 +8,18 @@ AlexNet's, and averages over the 15 benchmark corruptions. ImageNet-P's mean fli
 same paper) is computed in imagenet_p.py; this module runs it as one more suite.
 """
 
+import dataclasses
 import functools
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from noisy_student import imagenet_p, sharding
 from noisy_student import data as data_lib
+from noisy_student import imagenet_p, inference, sharding
+from noisy_student import normalization as normalization_lib
 
 Array = jax.Array
 
@@ -93,21 +95,25 @@ def topk_counts(logits: Array, labels: Array, mask: Array,
 
 
 def eval_step(variables: Mapping[str, Any], batch: Mapping[str, Array], *, model,
-              class_subset: Optional[Sequence[int]] = None) -> Dict[str, Array]:
-  """Eval-mode (noise off) top-1 / top-5 counts of one batch."""
-  logits = model.apply(variables, batch["image"], train=False)
+              class_subset: Optional[Sequence[int]] = None, normalization: str = "imagenet") -> Dict[str, Array]:
+  """Eval-mode (noise off) top-1 / top-5 counts of one batch of uint8 pixels (standardized here)."""
+  logits = inference.make_forward(model, normalization)(variables, batch["image"])
   return topk_counts(logits, batch["label"], batch["mask"], class_subset)
 
 
-def make_eval_step(model, mesh: Mesh, class_subset: Optional[Sequence[int]] = None) -> Callable:
-  """`eval_step(variables, batch)` jitted over `mesh`; pass `train.eval_variables(state)` for the EMA weights."""
+def make_eval_step(model, mesh: Mesh, class_subset: Optional[Sequence[int]] = None,
+                   normalization: str = "imagenet") -> Callable:
+  """`eval_step(variables, batch)` jitted over `mesh`; pass `train.eval_variables(state)` for the EMA weights.
+  `normalization` names the input statistics the step standardizes the pixels with (config.data.normalization)."""
   sharding.check_auto_axes(mesh)
+  normalization_lib.check_normalization(normalization)
   if class_subset is not None and max(class_subset) >= model.num_classes:
     raise ValueError(f"The class subset reaches class {max(class_subset)}, but the model has "
                      f"{model.num_classes} classes (suites with 200-class subsets need an ImageNet model).")
   replicated = NamedSharding(mesh, PartitionSpec())
   # Variables keep whatever sharding they have (replicated, or fsdp-sharded EMA weights).
-  return jax.jit(functools.partial(eval_step, model=model, class_subset=class_subset),
+  return jax.jit(functools.partial(eval_step, model=model, class_subset=class_subset,
+                                   normalization=normalization),
                  in_shardings=(None, sharding.batch_sharding(mesh)), out_shardings=replicated)
 
 
@@ -125,11 +131,12 @@ def summary(totals: Mapping[str, float]) -> Dict[str, float]:
 
 
 def evaluate(step: Callable, variables: Any, source: data_lib.Source, *, global_batch: int,
-             image_size: int, crop: str, mesh: Mesh, normalization: str = "imagenet") -> Dict[str, float]:
-  """Top-1 / top-5 of `variables` over the whole source: every example counted once on any device count."""
+             image_size: int, crop: str, mesh: Mesh) -> Dict[str, float]:
+  """Top-1 / top-5 of `variables` over the whole source: every example counted once on any device count.
+  `step` (make_eval_step) standardizes the batches' uint8 pixels with its normalization."""
   totals = None
   for batch in data_lib.eval_iterator(source, global_batch=global_batch, image_size=image_size, crop=crop,
-                                      mesh=mesh, normalization=normalization):
+                                      mesh=mesh):
     totals = accumulate(totals, step(variables, batch))
   return summary(totals)
 
@@ -154,62 +161,76 @@ def mean_corruption_error(top1: Mapping[str, Mapping[int, float]]) -> Dict[str, 
   return {f"ce{suffix}": errors, f"mce{suffix}": float(np.mean(list(errors.values())))}
 
 
-def _names(value: str, known: Sequence[Any], key: str, cast=str, default: Optional[Sequence[Any]] = None) -> list:
+def _names(value: str, known: Sequence[Any], key: str, cast=str, default: Optional[Sequence[Any]] = None) -> tuple:
   """A comma list from the config, checked against the known names; '' means `default` (all of them)."""
   given = [v.strip() for v in str(value).split(",") if v.strip()]
   unknown = [v for v in given if v not in map(str, known)]
   if unknown:
     raise ValueError(f"config.evaluate.{key}: unknown {unknown}; known: {', '.join(map(str, known))}.")
-  return [cast(v) for v in given] or list(known if default is None else default)
+  return tuple(cast(v) for v in given) or tuple(known if default is None else default)
 
 
-def parse_suites(config) -> Dict[str, Any]:
-  """config.evaluate's suites, ImageNet-C corruptions and severities, checked (errors name the key)."""
-  ec = config.evaluate
-  suites = _names(ec.suites, tuple(SUITES), "suites") if ec.suites.strip() else []
-  if suites and config.model.num_classes != 1000:
-    raise ValueError(f"config.evaluate.suites={ec.suites!r} are ImageNet test sets (1,000 classes), but "
-                     f"config.model.num_classes={config.model.num_classes}; set config.evaluate.suites=''.")
-  if suites and config.data.get("normalization", "imagenet") != "imagenet":
-    raise ValueError(f"config.evaluate.suites={ec.suites!r} are ImageNet test sets, standardized with "
-                     f"ImageNet's statistics, but config.data.normalization={config.data.normalization!r}.")
-  if ec.imagenet_p_difficulty not in (1, 2, 3):
-    raise ValueError(f"config.evaluate.imagenet_p_difficulty={ec.imagenet_p_difficulty}: expected 1, 2 or 3.")
-  perturbations = _names(ec.imagenet_p_perturbations, imagenet_p.PERTURBATIONS + imagenet_p.EXTRA,
+@dataclasses.dataclass(frozen=True)
+class Suites:
+  """The robustness suites to run and what they read: config.evaluate, checked by parse_suites."""
+  suites: Tuple[str, ...] = ()
+  corruptions: Tuple[str, ...] = IMAGENET_C_CORRUPTIONS
+  severities: Tuple[int, ...] = IMAGENET_C_SEVERITIES
+  perturbations: Tuple[str, ...] = imagenet_p.PERTURBATIONS
+  imagenet_p_dir: str = ""
+  imagenet_p_difficulty: int = 1
+  imagenet_p_baseline: str = ""
+
+
+def parse_suites(suites: str = "", *, imagenet_c_corruptions: str = "", imagenet_c_severities: str = "",
+                 imagenet_p_dir: str = "", imagenet_p_perturbations: str = "", imagenet_p_difficulty: int = 1,
+                 imagenet_p_baseline: str = "", num_classes: int, normalization: str) -> Suites:
+  """config.evaluate's values (its keys are these keywords: `parse_suites(**config.evaluate, ...)`), checked
+  against the model's num_classes and the input normalization: errors name the config key, so a typo fails
+  before training rather than after it."""
+  names = _names(suites, tuple(SUITES), "suites") if suites.strip() else ()
+  if names and num_classes != 1000:
+    raise ValueError(f"config.evaluate.suites={suites!r} are ImageNet test sets (1,000 classes), but "
+                     f"config.model.num_classes={num_classes}; set config.evaluate.suites=''.")
+  if names and normalization != "imagenet":
+    raise ValueError(f"config.evaluate.suites={suites!r} are ImageNet test sets, standardized with "
+                     f"ImageNet's statistics, but config.data.normalization={normalization!r}.")
+  if imagenet_p_difficulty not in (1, 2, 3):
+    raise ValueError(f"config.evaluate.imagenet_p_difficulty={imagenet_p_difficulty}: expected 1, 2 or 3.")
+  perturbations = _names(imagenet_p_perturbations, imagenet_p.PERTURBATIONS + imagenet_p.EXTRA,
                          "imagenet_p_perturbations", default=imagenet_p.PERTURBATIONS)
-  if "imagenet_p" in suites:  # what would fail after training fails now
-    imagenet_p.check_inputs(ec.imagenet_p_dir, perturbations, ec.imagenet_p_difficulty, ec.imagenet_p_baseline)
-  return {"suites": suites,
-          "corruptions": _names(ec.imagenet_c_corruptions, IMAGENET_C_CORRUPTIONS, "imagenet_c_corruptions"),
-          "severities": _names(ec.imagenet_c_severities, IMAGENET_C_SEVERITIES, "imagenet_c_severities", int),
-          "perturbations": perturbations}
+  if "imagenet_p" in names:  # what would fail after training fails now
+    imagenet_p.check_inputs(imagenet_p_dir, perturbations, imagenet_p_difficulty, imagenet_p_baseline)
+  return Suites(suites=names,
+                corruptions=_names(imagenet_c_corruptions, IMAGENET_C_CORRUPTIONS, "imagenet_c_corruptions"),
+                severities=_names(imagenet_c_severities, IMAGENET_C_SEVERITIES, "imagenet_c_severities", int),
+                perturbations=perturbations, imagenet_p_dir=imagenet_p_dir,
+                imagenet_p_difficulty=imagenet_p_difficulty, imagenet_p_baseline=imagenet_p_baseline)
 
 
-def robustness(model, variables: Any, config, mesh: Mesh) -> Dict[str, Any]:
-  """The suites of config.evaluate.suites (comma list of SUITES) for eval-mode `variables`.
+def robustness(model, variables: Any, suites: Suites, mesh: Mesh, *, data_dir: Optional[str], image_size: int,
+               global_batch: int, normalization: str = "imagenet") -> Dict[str, Any]:
+  """The suites of `suites` (parse_suites) for eval-mode `variables`, at the eval batch and image size.
 
   Each suite's tfds dataset must be prepared (`tfds build`), as for any source; results are keyed by suite.
   """
-  parsed = parse_suites(config)
-  data_dir = config.data.data_dir or None
-  size, batch = config.model.image_size, config.data.eval_batch
   results = {}
-  for suite in parsed["suites"]:
+  for suite in suites.suites:
     spec, classes, crop = SUITES[suite]
     if suite == "imagenet_p":
-      ec = config.evaluate
-      results[suite] = imagenet_p.evaluate(model, variables, mesh, ec.imagenet_p_dir, parsed["perturbations"],
-                                           global_batch=batch, image_size=size,
-                                           difficulty=ec.imagenet_p_difficulty, baseline=ec.imagenet_p_baseline)
+      results[suite] = imagenet_p.evaluate(model, variables, mesh, suites.imagenet_p_dir, suites.perturbations,
+                                           global_batch=global_batch, image_size=image_size,
+                                           difficulty=suites.imagenet_p_difficulty,
+                                           baseline=suites.imagenet_p_baseline, normalization=normalization)
       continue
-    step = make_eval_step(model, mesh, classes)
+    step = make_eval_step(model, mesh, classes, normalization)
     run = lambda spec: evaluate(step, variables, data_lib.open_source(spec, data_dir=data_dir), mesh=mesh,
-                                global_batch=batch, image_size=size, crop=crop)
+                                global_batch=global_batch, image_size=image_size, crop=crop)
     if suite != "imagenet_c":
       results[suite] = run(spec)
       continue
-    top1 = {c: {s: run(spec.format(corruption=c, severity=s))["top1"] for s in parsed["severities"]}
-            for c in parsed["corruptions"]}
+    top1 = {c: {s: run(spec.format(corruption=c, severity=s))["top1"] for s in suites.severities}
+            for c in suites.corruptions}
     results[suite] = dict(mean_corruption_error(top1), top1={f"{c}_{s}": v for c, by_s in top1.items()
                                                              for s, v in by_s.items()})
   return results

@@ -19,8 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from noisy_student import sharding
 from noisy_student import data as data_lib
+from noisy_student import inference, sharding
 from noisy_student.data import videos
 
 Array = jax.Array
@@ -34,17 +34,19 @@ EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate") + tuple(
 METRICS = ("flip_probability", "top5_distance")
 
 
-def top5_step(variables: Mapping[str, Any], batch: Mapping[str, Array], *, model) -> Dict[str, Array]:
-  """Eval-mode top-5 classes of each frame, with the frame's video, index and mask."""
-  logits = model.apply(variables, batch["image"], train=False)
+def top5_step(variables: Mapping[str, Any], batch: Mapping[str, Array], *, model,
+              normalization: str = "imagenet") -> Dict[str, Array]:
+  """Eval-mode top-5 classes of each frame (uint8 pixels, standardized here), with the frame's video, index
+  and mask."""
+  logits = inference.make_forward(model, normalization)(variables, batch["image"])
   return {"top5": jax.lax.top_k(logits, 5)[1], "video": batch["video"], "frame": batch["frame"],
           "mask": batch["mask"]}
 
 
-def make_top5_step(model, mesh: Mesh) -> Callable:
+def make_top5_step(model, mesh: Mesh, normalization: str = "imagenet") -> Callable:
   """`top5_step` jitted over `mesh`, its (small) results replicated so every process sees every frame's."""
   sharding.check_auto_axes(mesh)
-  return jax.jit(functools.partial(top5_step, model=model),
+  return jax.jit(functools.partial(top5_step, model=model, normalization=normalization),
                  in_shardings=(None, sharding.batch_sharding(mesh)),
                  out_shardings=NamedSharding(mesh, PartitionSpec()))
 
@@ -157,10 +159,12 @@ def check_inputs(root: str, perturbations: Sequence[str], difficulty: int, basel
 
 
 def evaluate(model, variables: Any, mesh: Mesh, root: str, perturbations: Sequence[str], *, global_batch: int,
-             image_size: int, difficulty: int = 1, baseline: str = "") -> Dict[str, Any]:
+             image_size: int, difficulty: int = 1, baseline: str = "",
+             normalization: str = "imagenet") -> Dict[str, Any]:
   """Flip probability and top-5 distance over each perturbation's folder under `root` (frames resized whole to
-  image_size); with a `baseline` file, the flip rates and mFR / mT5D against it."""
-  step = make_top5_step(model, mesh)
+  image_size, standardized with `normalization`); with a `baseline` file, the flip rates and mFR / mT5D
+  against it."""
+  step = make_top5_step(model, mesh, normalization)
   stability = {}
   for name in [folder(p, difficulty) for p in perturbations]:
     source = videos.open_video_folder(os.path.join(root, name))

@@ -26,8 +26,10 @@ from jax.experimental import multihost_utils
 
 from flax import traverse_util
 
-from noisy_student import checkpoint, evaluate as evaluate_lib, label as label_lib, outputs, train
+from noisy_student import checkpoint, evaluate as evaluate_lib, label as label_lib, outputs, sharding, trainer
+from noisy_student import data as data_lib
 from noisy_student.config_defaults import base_config
+from noisy_student.models import convert
 
 DONE = "DONE"
 STAGE_CONFIG = "stage_config.json"
@@ -142,22 +144,21 @@ def _run_stage(stage: Stage, config, folder: epath.Path) -> Optional[Dict[str, A
     return label_lib.label(config, str(folder))
   if stage.kind == "teacher" and config.iterate.teacher_checkpoint:
     return _teacher_from_checkpoint(config, folder)
-  result = train.train_and_evaluate(config, str(folder))
+  result = trainer.train_and_evaluate(config, str(folder))
   return None if result.get("preempted") else result
 
 
 def _teacher_from_checkpoint(config, folder: epath.Path) -> Dict[str, Any]:
   """An official TF checkpoint as the first teacher: converted, exported and evaluated."""
-  from noisy_student import data as data_lib, sharding, trainer_loop  # pylint: disable=g-import-not-at-top
-  from noisy_student.models import convert  # pylint: disable=g-import-not-at-top
   variables = convert.load_tf_checkpoint(config.iterate.teacher_checkpoint, config.model.name)
   checkpoint.save_inference_variables(str(folder / checkpoint.EXPORT_DIR), variables)
-  model = trainer_loop.build_model(config, config.model.num_classes)
+  model = trainer.build_model(config, config.model.num_classes)
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
   source = data_lib.open_source(config.data.eval, data_dir=config.data.data_dir or None,
                                 num_classes=config.model.num_classes)
-  result = trainer_loop.evaluate(evaluate_lib.make_eval_step(model, mesh), variables, source, config, mesh)
-  return dict(result, **trainer_loop.robustness(model, variables, config, mesh))
+  step = evaluate_lib.make_eval_step(model, mesh, normalization=config.data.normalization)
+  result = trainer.evaluate(step, variables, source, config, mesh)
+  return dict(result, **trainer.robustness(model, variables, config, mesh))
 
 
 def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:

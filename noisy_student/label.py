@@ -8,7 +8,7 @@ shards of the records in the schema of docs/design.md.
 Distribution and resumption. The global batch is sharded over every device of every process; each process
 keeps only its own rows (nothing is gathered to one host) and writes shards
 `labels-{p * K + j}-of-{P * K}`, j < K, each covering a fixed range of its batches. The input starts
-decoding when the job starts (pipeline.ReadAhead), while the teacher loads and its step compiles; the
+decoding when the job starts (read_ahead.ReadAhead), while the teacher loads and its step compiles; the
 teacher is loaded only when some shard is left to write. A shard is written under a
 temporary name, its statistics sidecar is written, and only then is it renamed: a shard under its final name
 is complete. A rerun starts at the first batch some process has not finished, rewrites only incomplete
@@ -17,8 +17,9 @@ shards, and produces byte-identical files. When every process is done, process 0
 """
 
 import bisect
+import dataclasses
 import time
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +29,15 @@ import tensorflow as tf
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
-from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from noisy_student import normalization as normalization_lib
-from noisy_student import checkpoint, outputs, pseudo_labels, sharding
+from noisy_student import checkpoint, inference, outputs, pseudo_labels, sharding
 from noisy_student import data as data_lib
-from noisy_student.data import pipeline, preprocess
+from noisy_student import normalization as normalization_lib
+from noisy_student.data import pipeline
 from noisy_student.models import model_from_config
+from noisy_student.read_ahead import ReadAhead
 
 STATS_FILE = "stats.json"
 PLOT_FILE = "stats.png"
@@ -54,48 +55,16 @@ def load_teacher(teacher_workdir: str, model, image_size: int, mesh) -> Dict[str
                                              dict(template))
 
 
-CPU_PIXELS_PER_PASS = 8 * 224 * 224  # per forward pass on XLA:CPU: b0's activations then stay in cache
-
-
-def micro_batch_size(per_device: int, micro_batch: int = 0, backend: str = "",
-                     image_pixels: int = 224 * 224) -> int:
-  """Images per forward pass within one device's share of a batch: the largest divisor of `per_device`
-  that is at most `micro_batch`. 0 means automatic: on CPU as many images as make CPU_PIXELS_PER_PASS
-  (8 at 224 px, where it was measured; every image of a 16 px batch), elsewhere the whole share."""
-  if micro_batch <= 0:
-    on_cpu = (backend or jax.default_backend()) == "cpu"
-    micro_batch = max(1, CPU_PIXELS_PER_PASS // image_pixels) if on_cpu else per_device
-  return max(d for d in range(1, min(micro_batch, per_device) + 1) if per_device % d == 0)
+micro_batch_size = inference.micro_batch_size  # the job's passes; benchmarks and tools name it here
 
 
 def make_infer_step(model, mesh, micro_batch: int = 0, normalization: str = "imagenet"):
-  """Eval-mode logits (float32), batch-sharded in and out.
-
-  Images are normalized float32, or uint8 pixels that the step normalizes itself (the labeling job's input:
-  cheaper to make and to move; the same values reach the model). Each device runs its rows in forward
-  passes of micro_batch_size(...) images (a loop inside the step): eval mode has no batch statistics, so
-  the logits are the same, and on CPU small passes keep the activations in cache (efficientnet-b0 at 224:
-  8 images per pass run ~1.15-1.2x faster than 32).
-  """
+  """The job's step: uint8 pixels (or standardized floats) in, eval-mode float32 logits out, batch-sharded in
+  and out, each device's rows in passes of micro_batch_size(...) images (inference.make_forward)."""
   replicated = NamedSharding(mesh, PartitionSpec())
   batch = sharding.batch_sharding(mesh)
-  rows = PartitionSpec(sharding.BATCH_AXES)
-
-  def forward(variables, images):
-    if images.dtype == jnp.uint8:
-      images = normalization_lib.normalize_pixels(images, normalization)
-    return model.apply(variables, images, train=False).astype(jnp.float32)
-
-  def per_device(variables, images):
-    n = images.shape[0]
-    size = micro_batch_size(n, micro_batch, image_pixels=images.shape[1] * images.shape[2])
-    if size == n:
-      return forward(variables, images)
-    passes = images.reshape(n // size, size, *images.shape[1:])
-    return lax.map(lambda part: forward(variables, part), passes).reshape(n, -1)
-
-  step = jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), rows), out_specs=rows)
-  return jax.jit(step, in_shardings=(replicated, batch), out_shardings=batch)
+  forward = inference.make_forward(model, normalization, mesh=mesh, micro_batch=micro_batch)
+  return jax.jit(forward, in_shardings=(replicated, batch), out_shardings=batch)
 
 
 READ_AHEAD_BYTES = 256 * 2**20
@@ -122,11 +91,37 @@ def _fingerprint(config: ml_collections.ConfigDict, num_batches: int, global_bat
   per_device = global_batch // sharding.batch_devices(mesh)
   return {"teacher": str(lc.teacher_workdir), "model": m.name, "num_classes": m.num_classes,
           "image_size": m.image_size, "source": config.data.unlabeled_source,
-          "eval_crop": config.data.get("eval_crop", "center"),
-          "normalization": config.data.get("normalization", "imagenet"), "batch": global_batch,
+          "eval_crop": config.data.eval_crop, "normalization": config.data.normalization, "batch": global_batch,
           "num_batches": num_batches, "temperature": lc.temperature, "top_k": lc.top_k, "hard": bool(lc.hard),
           "num_bins": lc.num_bins, "micro_batch": micro_batch_size(per_device, lc.micro_batch,
                                                                   image_pixels=m.image_size**2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+  """This process's part of the job: its shard j covers batches [bounds[j], bounds[j + 1]) and is shard
+  first + j of count; done[j] marks a shard already complete under the same fingerprint (kept, not
+  rewritten). The batches start at bounds[start_shard], the first shard some process has left to write."""
+  folder: epath.Path
+  num_batches: int
+  bounds: Tuple[int, ...]
+  done: Tuple[bool, ...]
+  start_shard: int
+  first: int
+  count: int
+  num_classes: int
+  fingerprint: Mapping[str, Any]
+  process_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordOptions:
+  """How logits become records (config.label): soft labels at `temperature`, all classes or the top_k,
+  or hard labels; `num_bins` confidence bins in the statistics."""
+  temperature: float = 1.0
+  top_k: int = 0
+  hard: bool = False
+  num_bins: int = pseudo_labels.DEFAULT_NUM_BINS
 
 
 def _complete(folder: epath.Path, index: int, count: int, fingerprint: Dict[str, Any]) -> bool:
@@ -191,7 +186,7 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   if not config.data.unlabeled_source:
     raise ValueError("config.data.unlabeled_source is empty: name the images to label "
                      "(e.g. 'tfds:digits:train[50:]').")
-  normalization_lib.check_normalization(config.data.get("normalization", "imagenet"))  # before any work starts
+  normalization_lib.check_normalization(config.data.normalization)  # before any work starts
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
   model = model_from_config(config.model)
   num_classes = config.model.num_classes
@@ -227,15 +222,20 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                    start_shard)
     # The input starts decoding now, while the teacher loads and its step compiles (about 2 s for b0, in
     # which a core would otherwise idle), up to read_ahead_batches batches ahead of the model.
-    batches = pipeline.ReadAhead(
+    batches = ReadAhead(
         data_lib.eval_iterator(source, global_batch=global_batch, image_size=config.model.image_size,
-                               crop=config.data.get("eval_crop", "center"), mesh=mesh, with_raw=True,
-                               start_batch=bounds[start_shard], normalize=False),
+                               crop=config.data.eval_crop, mesh=mesh, with_raw=True,
+                               start_batch=bounds[start_shard]),
         depth=read_ahead_batches(lc.read_ahead_batches, local, config.model.image_size))
+    plan = ShardPlan(folder=folder, num_batches=num_batches, bounds=tuple(bounds), done=tuple(done),
+                     start_shard=start_shard, first=first, count=count, num_classes=num_classes,
+                     fingerprint=fingerprint, process_count=source.process_count)
+    records = RecordOptions(temperature=lc.temperature, top_k=lc.top_k, hard=bool(lc.hard), num_bins=lc.num_bins)
     with batches:
       variables = load_teacher(lc.teacher_workdir, model, config.model.image_size, mesh)
-      _run(config, variables, model, mesh, batches, folder, num_batches, bounds, done, start_shard, first,
-           count, num_classes, fingerprint, source.process_count)
+      infer = make_infer_step(model, mesh, lc.micro_batch, config.data.normalization)
+      _run(plan, records, infer, variables, batches, mesh, log_every_batches=lc.log_every_batches,
+           log_every_secs=lc.log_every_secs)
   multihost_utils.sync_global_devices("labels: shards written")
   failure = None
   if jax.process_index() == 0:
@@ -256,45 +256,46 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   return {"examples": stats["num_examples"], "shards": count, "mean_confidence": mean_conf}
 
 
-def _run(config, variables, model, mesh, batches, folder, num_batches, bounds, done, start_shard, first, count,
-         num_classes, fingerprint, process_count):
-  lc = config.label
-  infer = make_infer_step(model, mesh, lc.micro_batch, config.data.get("normalization", "imagenet"))
+def _run(plan: ShardPlan, records: RecordOptions, infer: Callable, variables: Any, batches: Iterable[dict],
+         mesh, *, log_every_batches: int, log_every_secs: float) -> None:
+  """Labels `batches` (from bounds[start_shard] on) with `infer`, writing the plan's shards that are not done."""
+  bounds, num_batches = plan.bounds, plan.num_batches
   batch_spec = PartitionSpec(sharding.BATCH_AXES)
   writer = metric_writers.create_default_writer(just_logging=True)
   progress = periodic_actions.ReportProgress(num_train_steps=num_batches, writer=writer,
-                                             every_secs=lc.log_every_secs)
+                                             every_secs=log_every_secs)
   shard_writer, images, t0 = None, 0, time.monotonic()
 
   def write(b, logits, raw):
     """Batch b's records into its shard, which is finished at its last batch; nothing for a complete shard."""
     nonlocal shard_writer, images
     j = bisect.bisect_right(bounds, b) - 1
-    if done[j]:
+    if plan.done[j]:
       return  # another process is behind: this one kept it company in the collective, rewrites nothing
     if shard_writer is None:
-      shard_writer = _ShardWriter(folder, first + j, count, num_classes, lc.num_bins, fingerprint)
+      shard_writer = _ShardWriter(plan.folder, plan.first + j, plan.count, plan.num_classes, records.num_bins,
+                                  plan.fingerprint)
     local = np.asarray(multihost_utils.global_array_to_host_local_array(logits, mesh, batch_spec))
-    probs = pseudo_labels.soft_labels(local, lc.temperature)
+    probs = pseudo_labels.soft_labels(local, records.temperature)
     tops = np.argmax(probs, axis=-1)  # the records' label / confidence, for the shard's statistics
     confidences = np.take_along_axis(probs, tops[:, None], axis=-1)[:, 0]
     for i in np.nonzero(raw["mask"])[0]:
-      record = pseudo_labels.make_example(raw["encoded"][i], raw["key"][i], probs[i], top_k=lc.top_k,
-                                          hard=lc.hard)
+      record = pseudo_labels.make_example(raw["encoded"][i], raw["key"][i], probs[i], top_k=records.top_k,
+                                          hard=records.hard)
       shard_writer.write(record, int(tops[i]), float(confidences[i]))
     images += int(raw["mask"].sum())
     if b + 1 == bounds[j + 1]:
       shard_writer.finish()
       shard_writer = None
     progress(b + 1)
-    if (b + 1) % max(1, lc.log_every_batches) == 0:
-      rate = images * process_count / max(time.monotonic() - t0, 1e-9)
+    if (b + 1) % max(1, log_every_batches) == 0:
+      rate = images * plan.process_count / max(time.monotonic() - t0, 1e-9)
       logging.info("labeled %d / %d batches, %.1f img/s", b + 1, num_batches, rate)
 
   # One batch in flight: batch b+1 is dispatched before batch b's records are built and written, so the
   # device computes while the host writes.
   pending = None
-  for b, batch in enumerate(batches, start=bounds[start_shard]):
+  for b, batch in enumerate(batches, start=bounds[plan.start_shard]):
     logits = infer(variables, batch["image"])
     if pending is not None:
       write(*pending)

@@ -183,7 +183,8 @@ def _unit_hash(key: tf.Tensor, seed: int, salt: str) -> tf.Tensor:
 
 
 def copies_fn(selection: Mapping[str, Any], seed: int):
-  """A tf function (label, confidence, key) -> int64 copies of that record the selection keeps."""
+  """A tf function (label, confidence, key) -> int64 copies of that record the selection keeps: the `copies`
+  a student's pseudo-labeled source is opened with (data.open_source)."""
   classes = selection["classes"]
   cutoff = tf.constant([c["cutoff_bin"] for c in classes], tf.int64)
   fraction = tf.constant([c["cutoff_fraction"] for c in classes], tf.float64)

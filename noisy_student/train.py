@@ -9,6 +9,8 @@ The recipe (Xie et al. 2020; the official EfficientNet TF code): RMSProp (decay 
 inside the square root, accumulator initialised to 1), lr 0.016 per 256 images with 5-epoch linear warmup and
 x0.97 every 2.4 epochs, weight decay 1e-5 on non-batch-norm variables, EMA 0.9999 with TF's warm-up rule,
 label smoothing 0.1 on labeled images and soft cross-entropy on pseudo-labeled ones, in one forward pass.
+
+Only the step math lives here; trainer.py runs it over time (restore, checkpoints, writers, SIGTERM, eval).
 """
 
 import functools
@@ -19,10 +21,10 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from noisy_student import normalization as normalization_lib
 from noisy_student import sharding
 
 Array = jax.Array
@@ -216,9 +218,16 @@ def mixed_targets(targets: Array, is_labeled: Array, label_smoothing: float) -> 
 
 
 def loss_fn(params: Any, batch_stats: Any, batch: Mapping[str, Array], rng: Array, *, model: nn.Module,
-            label_smoothing: float = 0.1) -> Tuple[Array, Tuple[Any, Metrics]]:
-  """Mean loss over the concatenated labeled + pseudo-labeled batch (one forward pass, shared BN stats)."""
-  logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+            label_smoothing: float = 0.1, normalization: str = "imagenet") -> Tuple[Array, Tuple[Any, Metrics]]:
+  """Mean loss over the concatenated labeled + pseudo-labeled batch (one forward pass, shared BN stats).
+
+  uint8 pixels are standardized here, on the device (a quarter of the bytes a float32 batch moves); a float
+  batch was standardized by its pipeline and passes through unchanged.
+  """
+  images = batch["image"]
+  if images.dtype == jnp.uint8:
+    images = normalization_lib.normalize_pixels(images, normalization)
+  logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images,
                                  train=True, mutable=["batch_stats"], rngs={"dropout": rng})
   is_labeled = batch["is_labeled"].astype(bool)
   per_row = cross_entropy(logits, mixed_targets(batch["targets"], is_labeled, label_smoothing))
@@ -240,11 +249,13 @@ def loss_fn(params: Any, batch_stats: Any, batch: Mapping[str, Array], rng: Arra
 
 def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Module,
                tx: optax.GradientTransformation, label_smoothing: float = 0.1, ema_decay: float = 0.9999,
-               schedule: Optional[optax.Schedule] = None) -> Tuple[TrainState, Metrics]:
-  """One optimizer step plus the EMA update. Pure; `make_train_step` compiles it over a mesh."""
+               schedule: Optional[optax.Schedule] = None,
+               normalization: str = "imagenet") -> Tuple[TrainState, Metrics]:
+  """One optimizer step plus the EMA update. Pure; `make_train_step` compiles it over a mesh. uint8 images
+  are standardized with `normalization` (config.data.normalization) first."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, label_smoothing=label_smoothing),
-                               has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, label_smoothing=label_smoothing,
+                                                 normalization=normalization), has_aux=True)
   (_, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -262,7 +273,7 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Modul
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
                     label_smoothing: float = 0.1, ema_decay: float = 0.9999,
                     schedule: Optional[optax.Schedule] = None,
-                    state_shardings: Any = None) -> Callable:
+                    state_shardings: Any = None, normalization: str = "imagenet") -> Callable:
   """`train_step` jitted over `mesh`: batch sharded over ('data', 'fsdp'), state donated and kept in
   `state_shardings` (a pytree of shardings like the state's, e.g. `jax.tree.map(lambda x: x.sharding,
   state)` of an fsdp state; default: replicated)."""
@@ -270,30 +281,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
   replicated = NamedSharding(mesh, PartitionSpec())
   state_sharding = replicated if state_shardings is None else state_shardings
   step = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
-                           ema_decay=ema_decay, schedule=schedule)
+                           ema_decay=ema_decay, schedule=schedule, normalization=normalization)
   return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-
-
-# ----------------------------------------------------------------------------- host loop helpers
-
-
-def check_finite(loss: Any, step: int) -> None:
-  """Raises before anything is saved, so the last good checkpoint is the one a restart resumes from."""
-  value = float(np.asarray(jax.device_get(loss)))
-  if not np.isfinite(value):
-    raise FloatingPointError(f"Non-finite loss {value} at step {int(step)}; stopping without saving "
-                             f"(the latest checkpoint is from before this step).")
-
-
-# ----------------------------------------------------------------------------- the run
-
-
-def train_and_evaluate(config: Any, workdir: str) -> Dict[str, float]:
-  """Trains per `config` in `workdir` (resuming), returns the final EMA eval metrics.
-
-  The loop itself lives in trainer_loop.py (restore, checkpoints, writers, SIGTERM); this name is the
-  library's entry point, as DESIGN.md promises.
-  """
-  from noisy_student import trainer_loop  # pylint: disable=g-import-not-at-top  # it imports this module
-  return trainer_loop.train_and_evaluate(config, workdir)

@@ -1,4 +1,4 @@
-"""Test session set-up: 8 simulated CPU devices, TF kept off accelerators."""
+"""Test session set-up: 8 simulated CPU devices, TF kept off accelerators; fixtures shared by the modules."""
 
 import os
 
@@ -9,8 +9,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
-from noisy_student import allocator  # noqa: E402
+import helpers  # noqa: E402
+from noisy_student.cpu import allocator  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 # Compiled steps persist across test processes (xdist workers, subprocesses use the CLI's own cache) and runs.
@@ -30,3 +32,9 @@ def pytest_configure(config):
       capture.stop_global_capturing()
     allocator.reexec_with_fast_allocator()
   config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores (CI runs it)")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+  """A tfds data_dir with the embedded digits dataset, prepared once per test process (helpers.py)."""
+  return helpers.digits_data_dir()

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from noisy_student import allocator
+from noisy_student.cpu import allocator
 
 SCRIPT = """
 import sys
-from noisy_student import allocator
+from noisy_student.cpu import allocator
 allocator.reexec_with_fast_allocator()
 with open("/proc/self/maps") as f:
   mapped = sorted({line.split()[-1] for line in f if "malloc" in line.split()[-1]})
@@ -40,7 +40,7 @@ def test_opt_out_keeps_the_system_allocator():
 
 FAULTS_SCRIPT = """
 import resource, sys
-from noisy_student import allocator
+from noisy_student.cpu import allocator
 allocator.reexec_with_fast_allocator()
 import jax, jax.numpy as jnp
 n = 180_000_000  # 2.25 GB of float32 temporaries: over mimalloc's 2 GiB limit in one block
@@ -80,7 +80,7 @@ def test_reexec_keeps_large_temporaries_mapped_between_steps():
 
 
 def test_heap_split_and_kept_memory_only_where_jax_runs_on_the_cpu():
-  script = ("import os; from noisy_student import allocator; allocator.reexec_with_fast_allocator(); "
+  script = ("import os; from noisy_student.cpu import allocator; allocator.reexec_with_fast_allocator(); "
             "print(os.environ.get('XLA_FLAGS'), os.environ.get('MIMALLOC_PURGE_DELAY'))")
   base = {k: v for k, v in os.environ.items()
           if k not in ("NOISY_STUDENT_ALLOCATOR", "XLA_FLAGS", "MIMALLOC_PURGE_DELAY", "JAX_PLATFORMS")}

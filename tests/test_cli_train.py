@@ -9,14 +9,12 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from noisy_student import cpu_devices
-from data_fixtures import REPO, digits_data_dir, free_port, load_config, subprocess_env
-
+from helpers import digits_config, free_port, load_config, process_flags, run_cli, start_cli, subprocess_env
+from noisy_student import trainer
+from noisy_student.cpu import devices as host_devices
 
 # configs/digits.py supervised on all 1,300 training labels (SUPERVISED below: 300 steps, no RandAugment).
 # Measured, seeds 0, 1, 2: test top-1 0.970, 0.954, 0.978 (see README). The bound is 3.4 points under the
@@ -27,16 +25,6 @@ SUPERVISED = ("--config.mode=train", "--config.data.labeled=tfds:digits:train",
               "--config.data.randaugment_layers=0")
 
 
-def _command(workdir, *overrides):
-  return [sys.executable, "-m", "noisy_student", "--config=configs/digits.py", f"--workdir={workdir}",
-          f"--config.data.data_dir={digits_data_dir()}", *overrides]
-
-
-def _run(workdir, *overrides, timeout=300):
-  return subprocess.run(_command(workdir, *overrides), cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                        timeout=timeout)
-
-
 def _steps(workdir):
   return sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
 
@@ -44,8 +32,7 @@ def _steps(workdir):
 def test_train_sigterm_resume_and_accuracy(tmp_path):
   """SIGTERM mid-run saves and exits 0; the same command resumes there and reaches the measured accuracy."""
   workdir = str(tmp_path / "digits")
-  proc = subprocess.Popen(_command(workdir, *SUPERVISED, "--config.log_every_steps=10"), cwd=REPO, env=subprocess_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = start_cli(workdir, *SUPERVISED, "--config.log_every_steps=10")
   lines = []
   for line in proc.stdout:  # the first train scalars mean the loop (and its SIGTERM handler) is running
     lines.append(line)
@@ -64,7 +51,7 @@ def test_train_sigterm_resume_and_accuracy(tmp_path):
     saved = json.load(f)
   assert saved["model"]["name"] == "efficientnet-tiny" and saved["log_every_steps"] == 10
 
-  result = _run(workdir, *SUPERVISED, "--config.log_every_steps=10", "--config.eval_every_steps=100")
+  result = run_cli(workdir, *SUPERVISED, "--config.log_every_steps=10", "--config.eval_every_steps=100")
   assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(r"\[200\] eval/count=497", result.stderr)  # periodic EMA eval
   assert f"Restored the train state from step {stop_step}" in result.stderr
@@ -81,14 +68,14 @@ def test_train_sigterm_resume_and_accuracy(tmp_path):
 
   # mode=evaluate restores the final checkpoint's EMA weights and measures exactly the same numbers.
   os.remove(os.path.join(workdir, "eval.json"))
-  result = _run(workdir, *SUPERVISED, "--config.mode=evaluate")
+  result = run_cli(workdir, *SUPERVISED, "--config.mode=evaluate")
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "eval.json")) as f:
     assert json.load(f) == metrics
 
 
 def test_unknown_config_key_is_an_error_naming_it(tmp_path):
-  result = _run(str(tmp_path / "w"), "--config.model.bn_momentun=0.9", timeout=120)
+  result = run_cli(str(tmp_path / "w"), "--config.model.bn_momentun=0.9", timeout=120)
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
   assert last == ("error: unknown config key '--config.model.bn_momentun' (configs are locked). "
@@ -98,8 +85,8 @@ def test_unknown_config_key_is_an_error_naming_it(tmp_path):
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-  result = _run(str(tmp_path / "w"), "--config.mode=train", "--config.data.labeled=tfds:not_a_dataset:train",
-                timeout=180)
+  result = run_cli(str(tmp_path / "w"), "--config.mode=train", "--config.data.labeled=tfds:not_a_dataset:train",
+                   timeout=180)
   assert result.returncode == 1, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: DatasetNotPreparedError") and "not_a_dataset" in last, last
@@ -158,18 +145,16 @@ def _losses(log):
 @pytest.mark.slow
 def test_cli_trains_on_one_cpu_device_per_core(tmp_path):
   """Without a host device count in XLA_FLAGS the CLI splits the CPU into one device per core
-  (cpu_devices.py): the run is exactly a run with that count set by hand."""
+  (cpu/devices.py): the run is exactly a run with that count set by hand."""
   steps = ("--config.num_train_steps=60", "--config.log_every_steps=20")
-  devices = cpu_devices.device_count_for()
+  devices = host_devices.device_count_for()
   vectors = "--xla_cpu_prefer_vector_width=512"  # the same code generation in both runs
   env = dict(subprocess_env(), XLA_FLAGS=vectors)  # no device count: the CLI chooses
-  split = subprocess.run(_command(str(tmp_path / "split"), *SUPERVISED, *steps), cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=400)
+  split = run_cli(str(tmp_path / "split"), *SUPERVISED, *steps, env=env, timeout=400)
   assert split.returncode == 0, split.stderr[-3000:]
   assert f"{devices} cpu device(s) in this process" in split.stderr
-  chosen = subprocess.run(_command(str(tmp_path / "chosen"), *SUPERVISED, *steps), cwd=REPO,
-                          env=dict(subprocess_env(), XLA_FLAGS=f"{vectors} --xla_force_host_platform_device_count={devices}"),
-                          capture_output=True, text=True, timeout=400)
+  chosen = run_cli(str(tmp_path / "chosen"), *SUPERVISED, *steps, timeout=400, env=dict(
+      subprocess_env(), XLA_FLAGS=f"{vectors} --xla_force_host_platform_device_count={devices}"))
   assert chosen.returncode == 0, chosen.stderr[-3000:]
   metrics = [json.loads((tmp_path / d / "eval.json").read_text()) for d in ("split", "chosen")]
   assert metrics[0] == metrics[1] and metrics[0]["step"] == 60
@@ -184,14 +169,10 @@ def test_two_processes_train_digits_like_one(tmp_path):
   batches, and training agrees step by step: same losses, same final eval."""
   steps = ("--config.num_train_steps=100", "--config.log_every_steps=20")
   one_dir = str(tmp_path / "one")
-  one = subprocess.run(_command(one_dir, *SUPERVISED, *steps), cwd=REPO, env=subprocess_env(2), capture_output=True,
-                       text=True, timeout=400)
+  one = run_cli(one_dir, *SUPERVISED, *steps, devices=2, timeout=400)
   assert one.returncode == 0, one.stderr[-3000:]
   workdir, port = str(tmp_path / "two"), free_port()
-  procs = [subprocess.Popen(_command(workdir, *SUPERVISED, *steps, f"--coordinator_address=127.0.0.1:{port}",
-                                     "--num_processes=2", f"--process_id={i}"),
-                            cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for i in range(2)]
+  procs = [start_cli(workdir, *SUPERVISED, *steps, *process_flags(port, i)) for i in range(2)]
   outs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
@@ -212,18 +193,18 @@ def test_two_processes_train_digits_like_one(tmp_path):
   assert _steps(workdir)[-1] == 100
 
 
-def test_student_trains_on_labeled_plus_pseudo_labeled(tmp_path):
+def test_student_trains_on_labeled_plus_pseudo_labeled(data_dir, tmp_path):
   """A student run: soft pseudo-label TFRecords (DESIGN.md schema) mixed 1:1 into every batch."""
   from test_data_pipeline import write_pseudo_labels  # pylint: disable=g-import-not-at-top
   labels = tmp_path / "labels"
   labels.mkdir()
-  write_pseudo_labels(digits_data_dir(), str(labels), num_shards=2, split="train[1000:1100]")
+  write_pseudo_labels(data_dir, str(labels), num_shards=2, split="train[1000:1100]")
   workdir = str(tmp_path / "student")
-  result = _run(workdir, "--config.mode=train", "--config.select.enabled=False",
-                "--config.data.labeled=tfds:digits:train[:200]", "--config.data.ratio=1",
-                f"--config.data.unlabeled={labels}/labels-*.tfrecord", "--config.num_train_steps=10",
-                "--config.log_every_steps=10", "--config.data.randaugment_layers=2",
-                "--config.data.randaugment_magnitude=10")
+  result = run_cli(workdir, "--config.mode=train", "--config.select.enabled=False",
+                   "--config.data.labeled=tfds:digits:train[:200]", "--config.data.ratio=1",
+                   f"--config.data.unlabeled={labels}/labels-*.tfrecord", "--config.num_train_steps=10",
+                   "--config.log_every_steps=10", "--config.data.randaugment_layers=2",
+                   "--config.data.randaugment_magnitude=10")
   assert result.returncode == 0, result.stderr[-3000:]
   scalars = dict(re.findall(r"train/(\w+)=([-\d.e]+)", result.stderr))
   # Random Dirichlet soft labels over 10 classes: soft cross-entropy near log(10) + KL, far from 0.
@@ -234,9 +215,7 @@ def test_student_trains_on_labeled_plus_pseudo_labeled(tmp_path):
 
 
 def test_ratio_without_pseudo_labels_is_a_clear_error(tmp_path):
-  from noisy_student import trainer_loop  # pylint: disable=g-import-not-at-top
-  config = load_config("digits")
-  config.data.data_dir = digits_data_dir()
+  config = digits_config()
   config.data.ratio = 3
   with pytest.raises(ValueError, match=r"ratio=3 needs pseudo-labeled TFRecords in config.data.unlabeled"):
-    trainer_loop.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path))

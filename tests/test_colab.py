@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from data_fixtures import REPO, subprocess_env
+from helpers import REPO, subprocess_env
 
 NOTEBOOK = os.path.join(REPO, "launch", "colab.ipynb")
 

@@ -1,17 +1,10 @@
 """The embedded digits dataset: built offline by tfds with the documented sizes and a fixed split."""
 
 import numpy as np
-import pytest
 import tensorflow_datasets as tfds
 from sklearn import datasets as skdatasets
 
-from data_fixtures import digits_data_dir
 from noisy_student.data import digits, sources
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-  return digits_data_dir()
 
 
 def _load(split, data_dir):

@@ -11,9 +11,8 @@ import textwrap
 
 import pytest
 
-from data_fixtures import REPO, digits_data_dir, free_port, subprocess_env
+from helpers import REPO, free_port, subprocess_env
 from noisy_student.data import sources
-
 
 READ_PART = textwrap.dedent("""
     import json, sys
@@ -62,8 +61,7 @@ def _run_all(scripts_args):
   return outs
 
 
-def test_two_processes_read_disjoint_parts_covering_the_split():
-  data_dir = digits_data_dir()
+def test_two_processes_read_disjoint_parts_covering_the_split(data_dir):
   parts = _run_all([(READ_PART, [data_dir, str(i), "2"]) for i in range(2)])
   whole = sources.open_source("tfds:digits:train", data_dir=data_dir, with_key=True, process_index=0,
                               process_count=1)
@@ -75,8 +73,7 @@ def test_two_processes_read_disjoint_parts_covering_the_split():
 
 
 @pytest.mark.slow
-def test_jax_distributed_eval_and_train_batches():
-  data_dir = digits_data_dir()
+def test_jax_distributed_eval_and_train_batches(data_dir):
   port = str(free_port())
   outs = _run_all([(DISTRIBUTED, [data_dir, str(i), port]) for i in range(2)])
   for o in outs:

@@ -6,17 +6,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data_fixtures import digits_data_dir
 from noisy_student import normalization as normalization_lib
 from noisy_student import sharding
 from noisy_student.data import pipeline, preprocess, sources
 
 ONE = dict(process_index=0, process_count=1)
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-  return digits_data_dir()
 
 
 def _example(encoded, key, probs=None, topk=None, label=None):
@@ -128,7 +122,7 @@ def test_mocked_tfds_datasets_through_train_and_eval(name, size, crop, eval_crop
     it = pipeline.train_iterator(src, labeled_batch=8, image_size=size, seed=0, mesh=mesh, crop=crop,
                                  noise=pipeline.Noise(2, 15))
     batch = next(it)
-    assert batch["image"].shape == (8, size, size, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (8, size, size, 3) and batch["image"].dtype == np.uint8
     assert batch["targets"].shape == (8, classes)
     np.testing.assert_array_equal(np.asarray(batch["targets"]).sum(1), np.ones(8))
     assert np.asarray(batch["is_labeled"]).all()
@@ -177,7 +171,7 @@ def test_mixed_batches_layout(data_dir, tmp_path):
 
 
 def test_train_batch_spec_is_what_the_iterator_yields(data_dir, tmp_path):
-  """The abstract batch a train step is compiled for before the pipeline exists (trainer_loop) must be
+  """The abstract batch a train step is compiled for before the pipeline exists (trainer.py) must be
   exactly the batches that then arrive: shapes, dtypes and shardings."""
   write_pseudo_labels(data_dir, tmp_path)
   mesh = sharding.create_mesh()
@@ -227,7 +221,8 @@ def test_batch_must_divide_devices(data_dir):
 
 def test_eval_iterator_sets_up_in_the_call(data_dir, monkeypatch):
   """The batch count (a collective across processes when a source lacks per-process counts) is agreed in
-  the call, on the caller's thread: a ReadAhead thread that consumes the batches runs no collective."""
+  the call, on the caller's thread: a read_ahead.ReadAhead thread that consumes the batches runs no
+  collective."""
   src = sources.open_source("tfds:digits:test[:20]", data_dir=data_dir, **ONE)
   calls, count = [], pipeline.eval_num_batches
   monkeypatch.setattr(pipeline, "eval_num_batches", lambda *a: calls.append(a) or count(*a))
@@ -254,21 +249,24 @@ def test_eval_counts_every_example_once(data_dir, devices):
   np.testing.assert_array_equal(np.bincount(labels[masks], minlength=10), np.bincount(truth, minlength=10))
 
 
-def test_eval_batches_in_uint8_normalize_to_the_float_batches(data_dir):
-  """normalize=False (the labeling job's input) gives uint8 pixels that normalize to the default batches."""
+def test_eval_batches_are_uint8_pixels_that_standardize_to_the_tf_floats(data_dir):
+  """Eval batches carry the eval crop's uint8 pixels (padding rows zeros) with their keys; a step's
+  normalize_pixels of them is the tf standardization of the same crops, bit for bit, for each normalization."""
   src = sources.open_source("tfds:digits:test[:40]", data_dir=data_dir, with_key=True, **ONE)
   pixels = list(pipeline.eval_dataset(src, batch_size=16, num_batches=3, image_size=8, crop="resize",
-                                      with_raw=True, normalize=False).as_numpy_iterator())
+                                      with_raw=True).as_numpy_iterator())
+  examples = list(src.dataset.as_numpy_iterator())
+  crops = np.stack([preprocess.eval_image(ex["image"], 8, crop="resize").numpy() for ex in examples])
+  assert len(pixels) == 3
+  images = np.concatenate([u["image"] for u in pixels])
+  real = np.concatenate([u["mask"] for u in pixels])
+  assert images.dtype == np.uint8 and real.sum() == 40 and not real[40:].any()
+  np.testing.assert_array_equal(images[:40], crops)
+  assert not images[40:].any()  # padding rows are zeros
+  np.testing.assert_array_equal(np.concatenate([u["key"] for u in pixels])[:40], [ex["key"] for ex in examples])
   for normalization in ("imagenet", "svhn"):
-    floats = list(pipeline.eval_dataset(src, batch_size=16, num_batches=3, image_size=8, crop="resize",
-                                        with_raw=True, normalization=normalization).as_numpy_iterator())
-    assert len(floats) == len(pixels) == 3
-    for f, u in zip(floats, pixels):
-      assert u["image"].dtype == np.uint8 and f["image"].dtype == np.float32
-      real = f["mask"]  # padding rows are zeros in both dtypes, not normalized zeros
-      np.testing.assert_array_equal(normalization_lib.normalize_pixels(u["image"][real], normalization),
-                                    f["image"][real])
-      np.testing.assert_array_equal(u["key"], f["key"])
+    floats = np.stack([preprocess.normalize(c, normalization).numpy() for c in crops])
+    np.testing.assert_array_equal(normalization_lib.normalize_pixels(images[:40], normalization), floats)
 
 
 def test_pipelines_run_without_the_autotune_thread(data_dir):
@@ -309,45 +307,6 @@ def test_eval_start_batch_equals_the_tail_of_a_full_pass(data_dir):
       for k in a:
         np.testing.assert_array_equal(a[k], b[k])
   assert [int(b["mask"].sum()) for b in full] == [8, 8, 8, 8, 5, 0, 0]
-
-
-def test_read_ahead_runs_the_producer_ahead_and_keeps_order():
-  """The producer runs before the consumer asks, stops `depth` items ahead, yields everything in order and
-  re-raises its error in the consumer; close() stops a producer nobody reads."""
-  import time  # pylint: disable=g-import-not-at-top
-  produced = []
-
-  def items(n, fail_at=None):
-    for i in range(n):
-      if i == fail_at:
-        raise OSError(f"corrupt record {i}")
-      produced.append(i)
-      yield i
-
-  with pipeline.ReadAhead(items(100), depth=5) as ahead:
-    deadline = time.monotonic() + 10
-    while len(produced) < 6 and time.monotonic() < deadline:
-      time.sleep(0.01)
-    time.sleep(0.2)
-    # 5 queued and one more made, waiting for room: nothing was consumed yet.
-    assert len(produced) == 6
-    assert list(ahead) == list(range(100))
-    assert list(ahead) == []
-  produced.clear()
-  ahead = pipeline.ReadAhead(items(10, fail_at=7), depth=2)
-  assert [next(ahead) for _ in range(7)] == list(range(7))
-  with pytest.raises(OSError, match="corrupt record 7"):
-    next(ahead)
-  ahead.close()
-  produced.clear()
-  ahead = pipeline.ReadAhead(items(10**6), depth=3)
-  ahead.close()
-  stopped_at = len(produced)
-  time.sleep(0.2)
-  assert stopped_at <= 3 + 2 and len(produced) == stopped_at  # it stopped near `depth` and stays stopped
-  assert not ahead._thread.is_alive()  # pylint: disable=protected-access
-  with pytest.raises(ValueError, match="depth must be >= 1"):
-    pipeline.ReadAhead([], depth=0)
 
 
 def test_small_image_noise_is_the_official_order_and_sizes():
@@ -399,15 +358,18 @@ def test_pad_crop_batch_equals_per_image_pad_crop():
   assert not any(bool(preprocess.pad_crop_draw(tf.constant([s, 1], tf.int64), 2)["flip"]) for s in range(40))
 
 
-def test_train_batches_take_the_configured_normalization(data_dir, tmp_path):
-  """The same augmented pixels, standardized with SVHN's statistics instead of ImageNet's."""
-  (imagenet,) = _small_train(data_dir, tmp_path, 0, 1)
-  (svhn,) = _small_train(data_dir, tmp_path, 0, 1, normalization="svhn")
+def test_train_batches_are_uint8_for_any_normalization(data_dir, tmp_path):
+  """Train batches are the augmented uint8 pixels; the step standardizes them with the configured statistics
+  (SVHN's instead of ImageNet's): the same pixels either way, other floats, and an unknown name is an error."""
+  (batch,) = _small_train(data_dir, tmp_path, 0, 1)
+  assert batch["image"].dtype == np.uint8
+  standardized = {name: normalization_lib.normalize_pixels(batch["image"], name) for name in ("imagenet", "svhn")}
   pixels = {}
-  for name, batch in (("imagenet", imagenet), ("svhn", svhn)):
+  for name, images in standardized.items():
     mean, std = (np.asarray(v, np.float64) for v in normalization_lib.NORMALIZATIONS[name])
-    pixels[name] = batch["image"] * std + mean
+    pixels[name] = images * std + mean
   np.testing.assert_allclose(pixels["svhn"], pixels["imagenet"], atol=1e-3)
-  assert np.abs(svhn["image"] - imagenet["image"]).max() > 0.1
+  np.testing.assert_allclose(pixels["imagenet"], batch["image"], atol=1e-3)
+  assert np.abs(standardized["svhn"] - standardized["imagenet"]).max() > 0.1
   with pytest.raises(ValueError, match="config.data.normalization='cifar'"):
-    _small_train(data_dir, tmp_path, 0, 1, normalization="cifar")
+    normalization_lib.normalize_pixels(batch["image"], "cifar")

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from data_fixtures import color_digits
+from helpers import color_digits
 from noisy_student import normalization as normalization_lib
 from noisy_student.data import preprocess
 

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from data_fixtures import color_digits
+from helpers import color_digits
 from noisy_student.data import randaugment as ra
 
 SEED = tf.constant([3, 4], tf.int64)

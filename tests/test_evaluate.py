@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from noisy_student import checkpoint, evaluate, sharding, train, trainer_loop
+from noisy_student import checkpoint, evaluate, sharding, train, trainer
+from noisy_student import normalization as normalization_lib
 from noisy_student.config_defaults import base_config
 from noisy_student.data import pipeline, sources
 
@@ -40,6 +41,37 @@ def test_eval_counts_are_exact_and_sharding_independent():
   totals = evaluate.accumulate(evaluate.accumulate(None, counts), counts)
   assert totals == {k: 2 * v for k, v in expected.items()}
   assert evaluate.summary(totals) == {"top1": 5 / 13, "top5": 8 / 13, "count": 26.0}
+
+
+def test_eval_step_standardizes_uint8_pixels_with_its_normalization():
+  """The pipelines hand uint8 pixels to the step, which standardizes them on the device with the configured
+  statistics: its counts are those of the model's logits on normalize_pixels(images, normalization)."""
+
+  class ChannelMeans:  # a "model" whose logits are its inputs' channel means: they show the standardization
+    num_classes = 3
+
+    def apply(self, variables, images, train):
+      del variables, train
+      return images.mean(axis=(1, 2))
+
+  pixels = np.random.default_rng(2).integers(0, 256, (16, 4, 4, 3), dtype=np.uint8)
+  pixels[:8] = 115  # ImageNet's statistics rank channel 2 first here, SVHN's channel 0
+  mask = np.ones(16, bool)
+  mask[3] = False
+  imagenet_logits = normalization_lib.normalize_pixels(pixels, "imagenet").mean(axis=(1, 2))
+  labels = np.argmax(imagenet_logits, axis=-1)
+  mesh = sharding.create_mesh()
+  top1 = {}
+  for normalization in ("imagenet", "svhn"):
+    batch = sharding.host_to_global({"image": pixels, "label": labels, "mask": mask}, mesh)
+    counts = evaluate.make_eval_step(ChannelMeans(), mesh, normalization=normalization)({}, batch)
+    logits = normalization_lib.normalize_pixels(pixels, normalization).mean(axis=(1, 2))
+    expected = evaluate.topk_counts(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
+    assert {k: float(v) for k, v in counts.items()} == {k: float(v) for k, v in expected.items()}
+    top1[normalization] = float(counts["top1_correct"])
+  assert top1["imagenet"] == 15 and top1["svhn"] < 15
+  with pytest.raises(ValueError, match="config.data.normalization='cifar'"):
+    evaluate.make_eval_step(ChannelMeans(), mesh, normalization="cifar")
 
 
 def test_class_subset_ranks_only_its_classes():
@@ -107,6 +139,15 @@ def _expected(labels, bias, classes=None):
           "count": float(len(labels))}
 
 
+def _robustness(model, variables, config, mesh):
+  """evaluate.robustness on the config's values, as the trainer passes them."""
+  suites = evaluate.parse_suites(**config.evaluate, num_classes=config.model.num_classes,
+                                 normalization=config.data.normalization)
+  return evaluate.robustness(model, variables, suites, mesh, data_dir=config.data.data_dir or None,
+                             image_size=config.model.image_size, global_batch=config.data.eval_batch,
+                             normalization=config.data.normalization)
+
+
 @pytest.fixture(name="suite_config")
 def fixture_suite_config():
   c = base_config()
@@ -121,7 +162,7 @@ def test_robustness_suites_on_mocked_datasets(suite_config):
   """Every suite through tfds, preprocessing and the sharded step, against the same answers by hand: the model
   predicts a fixed ranking (zero classifier kernel), so each suite's accuracy follows from its labels."""
   mesh = sharding.create_mesh()
-  model = trainer_loop.build_model(suite_config, 1000)
+  model = trainer.build_model(suite_config, 1000)
   with tfds.testing.mock_data(num_examples=40):
     labels = {name: _labels(spec, crop, mesh) for name, (spec, _, crop) in evaluate.SUITES.items()
               if name not in ("imagenet_c", "imagenet_p")}  # imagenet_p: tests/test_imagenet_p.py
@@ -134,7 +175,7 @@ def test_robustness_suites_on_mocked_datasets(suite_config):
             - np.arange(1000) * 1e-4)
     bias[0] = 1e6
     variables = _constant_logit_variables(model, bias, 16)
-    result = evaluate.robustness(model, variables, suite_config, mesh)
+    result = _robustness(model, variables, suite_config, mesh)
 
   assert result["imagenet_a"] == _expected(labels["imagenet_a"], bias, evaluate.IMAGENET_A_CLASSES)
   assert result["imagenet_r"] == _expected(labels["imagenet_r"], bias, evaluate.IMAGENET_R_CLASSES)
@@ -153,19 +194,19 @@ def test_evaluate_mode_adds_the_suites_to_eval_json(suite_config, tmp_path):
   suite_config.evaluate.update(suites="imagenet_a,imagenet_c", imagenet_c_corruptions="fog",
                                imagenet_c_severities="3")
   mesh = sharding.create_mesh()
-  model = trainer_loop.build_model(suite_config, 1000)
-  _, tx = trainer_loop.build_optimizer(suite_config, 1, 1)
+  model = trainer.build_model(suite_config, 1000)
+  _, tx = trainer.build_optimizer(suite_config, 1, 1)
   state = train.create_train_state(model, tx, jax.random.key(0), 16, mesh=mesh)
-  manager = checkpoint.create_manager(str(tmp_path / trainer_loop.CHECKPOINT_DIR))
+  manager = checkpoint.create_manager(str(tmp_path / trainer.CHECKPOINT_DIR))
   checkpoint.save(manager, state, 0, force=True)
   manager.wait_until_finished()
   with tfds.testing.mock_data(num_examples=12):
-    result = trainer_loop.evaluate_checkpoint(suite_config, str(tmp_path))
-    direct = evaluate.robustness(model, train.eval_variables(state), suite_config, mesh)
+    result = trainer.evaluate_checkpoint(suite_config, str(tmp_path))
+    direct = _robustness(model, train.eval_variables(state), suite_config, mesh)
   assert result["robustness"] == direct
   assert set(direct) == {"imagenet_a", "imagenet_c"} and direct["imagenet_a"]["count"] == 12
   assert set(direct["imagenet_c"]) == {"ce_partial", "mce_partial", "top1"} and list(direct["imagenet_c"]["top1"]) == ["fog_3"]
-  saved = trainer_loop.outputs.read_json(tmp_path / trainer_loop.EVAL_FILE)
+  saved = trainer.outputs.read_json(tmp_path / trainer.EVAL_FILE)
   assert saved["robustness"]["imagenet_a"] == pytest.approx(direct["imagenet_a"])
 
 
@@ -174,22 +215,22 @@ def test_suites_on_a_model_that_is_not_imagenet_fail_before_training(tmp_path):
   config.model.update(name="efficientnet-tiny", num_classes=10)
   config.evaluate.suites = "imagenet_a"
   with pytest.raises(ValueError, match="config.model.num_classes=10; set config.evaluate.suites=''"):
-    trainer_loop.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path))
   config.model.num_classes = 1000
   config.data.normalization = "svhn"
   with pytest.raises(ValueError, match="standardized with ImageNet's statistics, but "
                                        "config.data.normalization='svhn'"):
-    trainer_loop.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path))
 
 
 def test_unknown_suite_or_corruption_is_an_error_naming_the_key(suite_config):
-  model = trainer_loop.build_model(suite_config, 1000)
+  model = trainer.build_model(suite_config, 1000)
   suite_config.evaluate.suites = "imagenet_a,imagenet_o"
   with pytest.raises(ValueError, match=r"config.evaluate.suites: unknown \['imagenet_o'\]"):
-    evaluate.robustness(model, {}, suite_config, sharding.create_mesh())
+    _robustness(model, {}, suite_config, sharding.create_mesh())
   suite_config.evaluate.update(suites="imagenet_c", imagenet_c_corruptions="fog,rain")
   with pytest.raises(ValueError, match=r"config.evaluate.imagenet_c_corruptions: unknown \['rain'\]"):
-    evaluate.robustness(model, {}, suite_config, sharding.create_mesh())
+    _robustness(model, {}, suite_config, sharding.create_mesh())
   suite_config.evaluate.update(imagenet_c_corruptions="", imagenet_c_severities="1,six")
   with pytest.raises(ValueError, match=r"config.evaluate.imagenet_c_severities: unknown \['six'\]"):
-    evaluate.robustness(model, {}, suite_config, sharding.create_mesh())
+    _robustness(model, {}, suite_config, sharding.create_mesh())

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from data_fixtures import digits_data_dir, load_config
-from noisy_student import checkpoint, iterate, sharding, train, trainer_loop
+from helpers import digits_config, load_config
+from noisy_student import checkpoint, iterate, sharding, train, trainer
 from noisy_student.data import sources
 from noisy_student.models import create_model
 from noisy_student.models.efficientnet import shallow_layers_pattern
@@ -54,19 +54,19 @@ def test_frozen_parameters_get_no_update_and_their_statistics_still_move():
 def test_a_frozen_pattern_must_match_some_but_not_all_parameters():
   params = jax.eval_shape(lambda: create_model("efficientnet-tiny", num_classes=10).init(
       jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), train=False))["params"]
-  trainer_loop.check_frozen(FROZEN, params)
+  trainer.check_frozen(FROZEN, params)
   with pytest.raises(ValueError, match=r"frozen='\^stemconv/' matches 0 of \d+ parameters"):
-    trainer_loop.check_frozen("^stemconv/", params)
+    trainer.check_frozen("^stemconv/", params)
   with pytest.raises(ValueError, match="matches (\\d+) of \\1 parameters"):
-    trainer_loop.check_frozen("kernel|bias|scale", params)
+    trainer.check_frozen("kernel|bias|scale", params)
 
 
 def test_fine_tuning_at_a_larger_size_starts_from_the_export(tmp_path, monkeypatch):
   """A digits model exported at 16 px, fine-tuned at 24 px for a few steps with its shallow layers frozen:
   the run starts from the export exactly, the frozen layers end where they started, the rest move."""
-  config = load_config("digits")
+  config = digits_config()
   config.model.name = "efficientnet-tiny"
-  source = train.create_train_state(trainer_loop.build_model(config, 10), trainer_loop.build_optimizer(
+  source = train.create_train_state(trainer.build_model(config, 10), trainer.build_optimizer(
       config, 1, 1)[1], jax.random.key(7), 16)
   export = str(tmp_path / "pretrained" / checkpoint.EXPORT_DIR)
   checkpoint.save_inference_variables(export, train.eval_variables(source))
@@ -74,13 +74,13 @@ def test_fine_tuning_at_a_larger_size_starts_from_the_export(tmp_path, monkeypat
   config.update(mode="train", init_from=export, num_train_steps=4, log_every_steps=2, seed=3)
   config.model.image_size = 24
   config.data.update(labeled="tfds:digits:train[:200]", ratio=0, randaugment_layers=0, crop="center",
-                     flip=False, data_dir=digits_data_dir(), labeled_batch=16, eval_batch=64)
+                     flip=False, labeled_batch=16, eval_batch=64)
   config.optimizer.update(frozen=FROZEN, warmup_epochs=0.0)
   config.evaluate.suites = ""
 
-  fresh = train.create_train_state(trainer_loop.build_model(config, 10), trainer_loop.build_optimizer(
+  fresh = train.create_train_state(trainer.build_model(config, 10), trainer.build_optimizer(
       config, 1, 1)[1], jax.random.key(3), 24, mesh=sharding.create_mesh())
-  started = trainer_loop.initialize_from(fresh, export)
+  started = trainer.initialize_from(fresh, export)
   for got, want in [(started.params, source.ema_params), (started.ema_params, source.ema_params),
                     (started.batch_stats, source.ema_batch_stats)]:
     got, want = _flat(got), _flat(want)
@@ -96,14 +96,14 @@ def test_fine_tuning_at_a_larger_size_starts_from_the_export(tmp_path, monkeypat
 
   # A robustness suite whose dataset is not prepared fails after training, but only after the export and
   # eval.json are written (a 10-class model cannot run the real suites: that is refused before training).
-  monkeypatch.setattr(trainer_loop, "robustness", unprepared_suite)
+  monkeypatch.setattr(trainer, "robustness", unprepared_suite)
   with pytest.raises(sources.DatasetNotPreparedError, match="imagenet_v2"):
-    trainer_loop.train_and_evaluate(config, str(workdir))
+    trainer.train_and_evaluate(config, str(workdir))
   monkeypatch.undo()
-  result = trainer_loop.outputs.read_json(workdir / trainer_loop.EVAL_FILE)
+  result = trainer.outputs.read_json(workdir / trainer.EVAL_FILE)
   assert result["step"] == 4 and result["count"] == 497
   # The final checkpoint (its optimizer state split by frozen / trained) restores and evaluates the same.
-  assert trainer_loop.evaluate_checkpoint(config, str(workdir)) == result
+  assert trainer.evaluate_checkpoint(config, str(workdir)) == result
   template = jax.eval_shape(lambda: train.eval_variables(fresh))
   tuned = checkpoint.load_inference_variables(str(workdir / checkpoint.EXPORT_DIR), template)
   tuned, initial = _flat(tuned["params"]), _flat(source.ema_params)
@@ -117,16 +117,16 @@ def test_init_from_a_missing_export_names_the_folder(tmp_path):
   model = create_model("efficientnet-tiny", num_classes=10)
   state = train.create_train_state(model, train.create_optimizer("sgd", 0.1), jax.random.key(0), 16)
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
-    trainer_loop.initialize_from(state, str(tmp_path / "nowhere"))
+    trainer.initialize_from(state, str(tmp_path / "nowhere"))
 
 
 def test_frozen_layers_need_a_starting_point_and_the_loop_refuses_fine_tuning_keys(tmp_path):
-  config = load_config("digits")
+  config = digits_config()
   config.update(mode="train", num_train_steps=2)
-  config.data.update(labeled="tfds:digits:train[:64]", ratio=0, data_dir=digits_data_dir(), labeled_batch=16)
+  config.data.update(labeled="tfds:digits:train[:64]", ratio=0, labeled_batch=16)
   config.optimizer.frozen = FROZEN
   with pytest.raises(ValueError, match="without config.init_from would freeze randomly initialized layers"):
-    trainer_loop.train_and_evaluate(config, str(tmp_path / "run"))
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
   config.mode = "iterate"
   with pytest.raises(ValueError, match="config.init_from / config.optimizer.frozen are for fine-tuning"):
     iterate.plan(config)
@@ -137,7 +137,7 @@ def test_a_stage_saved_before_new_config_keys_still_resumes(tmp_path):
   saved = config.to_dict()
   del saved["init_from"], saved["evaluate"]
   saved["optimizer"].pop("frozen")
-  trainer_loop.outputs.write_json(tmp_path / iterate.STAGE_CONFIG, saved)
+  trainer.outputs.write_json(tmp_path / iterate.STAGE_CONFIG, saved)
   iterate._check_same_config(tmp_path, config)  # pylint: disable=protected-access  # the added keys are at their defaults
   config.evaluate.suites = "imagenet_a"  # reporting only: may change on a rerun
   iterate._check_same_config(tmp_path, config)  # pylint: disable=protected-access

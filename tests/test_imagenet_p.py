@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_fixtures import REPO, free_port, subprocess_env
-from noisy_student import evaluate, imagenet_p, sharding, trainer_loop
+from helpers import REPO, free_port, subprocess_env
+from noisy_student import imagenet_p, sharding, trainer
 from noisy_student.config_defaults import base_config
 from noisy_student.data import preprocess, videos
 
@@ -168,15 +168,15 @@ def test_unreadable_videos_are_errors_naming_the_file(tmp_path):
   config.model.update(num_classes=1000)
   config.evaluate.update(suites="imagenet_p", imagenet_p_dir=str(tmp_path / "missing"))
   with pytest.raises(FileNotFoundError, match="config.evaluate.imagenet_p_dir=.*missing.* is not a folder"):
-    evaluate.parse_suites(config)
+    trainer.robustness_suites(config)
   config.evaluate.update(imagenet_p_dir=str(tmp_path), imagenet_p_perturbations="rotate,wobble")
   with pytest.raises(ValueError, match=r"config.evaluate.imagenet_p_perturbations: unknown \['wobble'\]"):
-    evaluate.parse_suites(config)
+    trainer.robustness_suites(config)
   # Harder noise sequences are folders of their own; other perturbations stride through one folder.
   (tmp_path / "gaussian_noise").mkdir()
   config.evaluate.update(imagenet_p_perturbations="rotate,gaussian_noise", imagenet_p_difficulty=2)
   with pytest.raises(FileNotFoundError, match=r"has no folder \['gaussian_noise_2'\]"):
-    evaluate.parse_suites(config)
+    trainer.robustness_suites(config)
   assert [imagenet_p.folder(p, d) for p, d in [("gaussian_noise", 1), ("shot_noise", 3), ("tilt", 3),
                                                          ("speckle_noise_2", 2)]] == [
       "gaussian_noise", "shot_noise_3", "tilt", "speckle_noise_2"]
@@ -194,14 +194,14 @@ def test_imagenet_p_suite_end_to_end(tmp_path):
   config.data.update(eval_batch=8)
   config.evaluate.update(suites="imagenet_p", imagenet_p_dir=root,
                          imagenet_p_perturbations="brightness,gaussian_noise")
-  model = trainer_loop.build_model(config, 1000)
+  model = trainer.build_model(config, 1000)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))()
   # A baseline: the numbers of a model that flips on every pair, for the rates.
   baseline = {p: {"flip_probability": 1.0, "top5_distance": 10.0} for p in ("brightness", "gaussian_noise")}
   (tmp_path / "baseline.json").write_text(json.dumps(baseline))
   config.evaluate.imagenet_p_baseline = str(tmp_path / "baseline.json")
 
-  results = [evaluate.robustness(model, variables, config, mesh)["imagenet_p"]
+  results = [trainer.robustness(model, variables, config, mesh)["robustness"]["imagenet_p"]
              for mesh in (sharding.create_mesh(), sharding.create_mesh(devices=jax.devices()[:1]))]
   assert results[0] == results[1]
 
@@ -246,9 +246,9 @@ def tilt_suite(root):
   config.model.update(name="efficientnet-tiny", num_classes=1000, image_size=16)
   config.data.update(eval_batch=8)
   config.evaluate.update(suites="imagenet_p", imagenet_p_dir=root, imagenet_p_perturbations="tilt")
-  model = trainer_loop.build_model(config, 1000)
+  model = trainer.build_model(config, 1000)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))()
-  return evaluate.robustness(model, variables, config, sharding.create_mesh())
+  return trainer.robustness(model, variables, config, sharding.create_mesh())["robustness"]
 
 
 @pytest.mark.slow

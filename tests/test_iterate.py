@@ -5,14 +5,11 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from data_fixtures import REPO, digits_data_dir, load_config, subprocess_env
+from helpers import digits_config, load_config, run_cli, start_cli
 from noisy_student import iterate
-
 
 
 def test_plan_derives_every_stage_from_the_config():
@@ -40,20 +37,17 @@ def test_plan_derives_every_stage_from_the_config():
     iterate.plan(c)
 
 
-def _command(workdir):
-  return [sys.executable, "-m", "noisy_student", "--config=configs/digits.py", f"--workdir={workdir}",
-          f"--config.data.data_dir={digits_data_dir()}", "--config.num_train_steps=30",
-          "--config.iterate.num_iterations=1", "--config.iterate.student_num_train_steps=40",
-          "--config.checkpoint_every_steps=10", "--config.log_every_steps=10",
-          "--config.data.unlabeled_source=tfds:digits:train[50:370]", "--config.data.eval=tfds:digits:test[:200]",
-          "--config.select.threshold=0.0"]
+# One teacher of 30 steps and one student of 40, checkpointed every 10, on small splits.
+SHORT = ("--config.num_train_steps=30", "--config.iterate.num_iterations=1",
+         "--config.iterate.student_num_train_steps=40", "--config.checkpoint_every_steps=10",
+         "--config.log_every_steps=10", "--config.data.unlabeled_source=tfds:digits:train[50:370]",
+         "--config.data.eval=tfds:digits:test[:200]", "--config.select.threshold=0.0")
 
 
 @pytest.mark.slow
 def test_sigkill_during_student_resumes_from_its_checkpoint(tmp_path):
   whole = tmp_path / "whole"
-  done = subprocess.run(_command(whole), cwd=REPO, env=subprocess_env(1), capture_output=True, text=True,
-                        timeout=600)
+  done = run_cli(whole, *SHORT, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   expected = json.loads((whole / "summary.json").read_text())
   assert [s["name"] for s in expected["stages"]] == ["00_teacher", "01_student"]
@@ -61,8 +55,7 @@ def test_sigkill_during_student_resumes_from_its_checkpoint(tmp_path):
   assert (whole / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(_command(killed), cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = start_cli(killed, *SHORT)
   in_student, checkpoints = False, killed / "01_student" / "checkpoints"
   for line in proc.stdout:  # kill as soon as the student has a finished checkpoint (orbax saves async)
     in_student = in_student or "Stage 01_student" in line
@@ -77,15 +70,13 @@ def test_sigkill_during_student_resumes_from_its_checkpoint(tmp_path):
   assert saved and saved[-1] < 40
 
   # Resuming the unfinished student under a different recipe is refused, naming the keys.
-  changed = subprocess.run(_command(killed) + ["--config.iterate.ratio=2"], cwd=REPO, env=subprocess_env(1),
-                           capture_output=True, text=True, timeout=300)
+  changed = run_cli(killed, *SHORT, "--config.iterate.ratio=2", timeout=300)
   assert changed.returncode == 1
   last = changed.stderr.strip().splitlines()[-1]
   assert last.startswith("error: StageConfigMismatchError") and "01_student was run with another config " \
       "(data.ratio: 3 -> 2; iterate.ratio: 3 -> 2)" in last, last
 
-  rerun = subprocess.run(_command(killed), cwd=REPO, env=subprocess_env(1), capture_output=True, text=True,
-                         timeout=600)
+  rerun = run_cli(killed, *SHORT, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "Stage 00_teacher already done" in rerun.stderr and "Stage 01_labels already done" in rerun.stderr
   restored = re.search(r"Restored the train state from step (\d+)", rerun.stderr)
@@ -106,8 +97,7 @@ def test_first_teacher_from_an_official_checkpoint(tmp_path):
   reference, ema, raw = tiny_reference(num_classes=10)
   tensors = dict(raw, **{f"{name}/ExponentialMovingAverage": value for name, value in ema.items()})
   prefix = write_checkpoint(str(tmp_path), tensors)
-  c = load_config("digits")
-  c.data.data_dir = digits_data_dir()
+  c = digits_config()
   c.iterate.teacher_checkpoint = prefix
   teacher = iterate.plan(c)[0]
   folder = tmp_path / "00_teacher"

@@ -8,7 +8,6 @@ here, only that every image is labeled exactly once with the teacher's eval-mode
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -17,8 +16,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_fixtures import REPO, digits_data_dir, free_port, subprocess_env
-from noisy_student import checkpoint, cpu_devices, label, outputs, pseudo_labels
+from helpers import digits_data_dir, free_port, process_flags, run_cli, start_cli, subprocess_env
+from noisy_student import checkpoint, inference, label, outputs, pseudo_labels
+from noisy_student.cpu import devices as host_devices
 from noisy_student.config_defaults import base_config
 from noisy_student.data import preprocess
 from noisy_student.models import model_from_config
@@ -108,13 +108,13 @@ def test_labels_every_image_once_with_the_eval_mode_teacher(teacher, one_process
 
 
 def test_micro_batch_size_is_the_largest_divisor_within_the_limit():
-  assert [label.micro_batch_size(n, 8, "cpu") for n in (32, 12, 7, 5, 3)] == [8, 6, 7, 5, 3]
+  assert [inference.micro_batch_size(n, 8, "cpu") for n in (32, 12, 7, 5, 3)] == [8, 6, 7, 5, 3]
   # Automatic: on CPU passes of about 8 images of 224 px (all 256 of a 16 px batch), the whole share off CPU.
-  assert label.micro_batch_size(32, 0, "cpu", 224 * 224) == 8
-  assert label.micro_batch_size(32, 0, "cpu", 448 * 448) == 2
-  assert label.micro_batch_size(256, 0, "cpu", 16 * 16) == 256
-  assert label.micro_batch_size(32, 0, "tpu", 224 * 224) == 32
-  assert label.micro_batch_size(32, 100, "cpu") == 32
+  assert inference.micro_batch_size(32, 0, "cpu", 224 * 224) == 8
+  assert inference.micro_batch_size(32, 0, "cpu", 448 * 448) == 2
+  assert inference.micro_batch_size(256, 0, "cpu", 16 * 16) == 256
+  assert inference.micro_batch_size(32, 0, "tpu", 224 * 224) == 32
+  assert inference.micro_batch_size(32, 100, "cpu") == 32
 
 
 def test_read_ahead_depth_fits_the_pixel_budget():
@@ -165,21 +165,18 @@ def test_infer_step_normalizes_uint8_pixels_itself(teacher):
                                .mean(axis=(1, 2)), rtol=1e-5, atol=1e-5)
 
 
-def _cli(workdir, teacher_dir, *extra):
-  return [sys.executable, "-m", "noisy_student", "--config=configs/digits.py", f"--workdir={workdir}",
-          "--config.mode=label", f"--config.label.teacher_workdir={teacher_dir}",
-          f"--config.data.unlabeled_source={UNLABELED}", f"--config.data.data_dir={digits_data_dir()}", *extra]
+def _label_job(teacher_dir, *extra):
+  """Command-line overrides of a labeling job of UNLABELED with the teacher in `teacher_dir`, then `extra`."""
+  return ("--config.mode=label", f"--config.label.teacher_workdir={teacher_dir}",
+          f"--config.data.unlabeled_source={UNLABELED}", *extra)
 
 
 @pytest.mark.slow
 def test_two_processes_write_disjoint_shards_equal_to_one(teacher, one_process_labels, tmp_path):
   """2 processes x 2 devices (gloo): each writes its own shards; their union is the one-process output."""
   out, port = tmp_path / "two", free_port()
-  procs = [subprocess.Popen(_cli(out, teacher[0], f"--coordinator_address=127.0.0.1:{port}",
-                                 "--num_processes=2", f"--process_id={i}", "--config.label.batch=64",
-                                 "--config.label.shards_per_process=3"),
-                            cwd=REPO, env=subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+  procs = [start_cli(out, *_label_job(teacher[0], *process_flags(port, i), "--config.label.batch=64",
+                                      "--config.label.shards_per_process=3"), devices=2)
            for i in range(2)]
   logs = [p.communicate(timeout=400)[0] for p in procs]
   for p, log in zip(procs, logs):
@@ -202,14 +199,13 @@ def test_two_processes_write_disjoint_shards_equal_to_one(teacher, one_process_l
 
 def test_cli_labels_on_one_cpu_device_per_core_with_the_same_results(teacher, one_process_labels, tmp_path):
   """mode=label without a host device count in XLA_FLAGS: the CLI splits the CPU into one device per core
-  (cpu_devices.py); the records are the one-device ones."""
+  (cpu/devices.py); the records are the one-device ones."""
   env = subprocess_env(1)
   env["XLA_FLAGS"] = "--xla_cpu_prefer_vector_width=512"  # no device count: the CLI chooses
   out = tmp_path / "split"
-  done = subprocess.run(_cli(out, teacher[0], "--config.label.batch=64"), cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=400)
+  done = run_cli(out, *_label_job(teacher[0], "--config.label.batch=64"), env=env, timeout=400)
   assert done.returncode == 0, done.stderr[-3000:]
-  devices = cpu_devices.device_count_for()
+  devices = host_devices.device_count_for()
   assert f"on 1 processes ({devices} devices)" in done.stderr
   _, split = _records(out)
   _, one = _records(one_process_labels[0])
@@ -227,13 +223,11 @@ def test_sigkill_then_rerun_gives_byte_identical_shards(teacher, tmp_path):
   extra = ("--config.label.batch=8", "--config.label.shards_per_process=20",
            "--config.data.unlabeled_source=tfds:digits:train")
   whole = tmp_path / "whole"
-  done = subprocess.run(_cli(whole, teacher[0], *extra), cwd=REPO, env=subprocess_env(1), capture_output=True,
-                        text=True, timeout=300)
+  done = run_cli(whole, *_label_job(teacher[0], *extra), timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(_cli(killed, teacher[0], *extra), cwd=REPO, env=subprocess_env(1),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = start_cli(killed, *_label_job(teacher[0], *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   first = killed / pseudo_labels.shard_name(0, 20)
   deadline = time.monotonic() + 240
   while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -247,8 +241,7 @@ def test_sigkill_then_rerun_gives_byte_identical_shards(teacher, tmp_path):
   for name in finals:  # every file under a final name is complete: identical to the finished run's
     assert (killed / name).read_bytes() == (whole / name).read_bytes()
 
-  rerun = subprocess.run(_cli(killed, teacher[0], *extra), cwd=REPO, env=subprocess_env(1), capture_output=True,
-                         text=True, timeout=300)
+  rerun = run_cli(killed, *_label_job(teacher[0], *extra), timeout=300)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "resuming at shard" in rerun.stderr
   names = sorted(p.name for p in whole.iterdir() if p.name.startswith("labels-"))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import assert_trees_close
 from noisy_student.models import create_model, efficientnet, ops
 
 # Trainable parameters and batch-norm statistics with a 1000-class head
@@ -94,7 +95,7 @@ def test_depthwise_implementations_agree_on_values_and_gradients(size, kernel, s
   for impl in ("xla", "shifted"):
     out, vjp = jax.vjp(lambda x, w: ops.depthwise_conv2d(x, w, stride, impl), x, w)
     results[impl] = (out, *vjp(g))
-  assert_trees_close(results["shifted"], results["xla"], rtol=1e-5)
+  assert_trees_close(results["shifted"], results["xla"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("size,stride", [(9, 1), (10, 2), (11, 2)])
@@ -109,10 +110,10 @@ def test_few_channel_convolution_gradients_match_xla(size, stride):
   for impl in ("xla", "shifted"):
     out, vjp = jax.vjp(lambda x, w: ops.conv2d(x, w, stride, impl), x, w)
     results[impl] = (out, *vjp(g))
-  assert_trees_close(results["shifted"], results["xla"], rtol=1e-5)
+  assert_trees_close(results["shifted"], results["xla"], rtol=1e-5, atol=1e-6)
   # and without gradients the direct form gives the same outputs
   assert_trees_close(jax.jit(lambda x, w: ops.conv2d(x, w, stride, "shifted"))(x, w), results["xla"][0],
-                     rtol=1e-5)
+                     rtol=1e-5, atol=1e-6)
 
 
 def test_fused_batch_norm_matches_autodiff_of_the_textbook_formula():
@@ -141,17 +142,6 @@ def test_fused_batch_norm_matches_autodiff_of_the_textbook_formula():
     np.testing.assert_allclose(var, x.var(axis=(0, 1, 2)), rtol=1e-4)
 
 
-def assert_trees_close(actual, desired, rtol):
-  """Leaf-wise relative error in norm; sums reassociate, and some gradients are
-  exactly zero in theory (a bias followed by batch norm) but float noise here."""
-  floor = 1e-6 * max(float(np.abs(d).max()) for d in jax.tree.leaves(desired))
-  flat = jax.tree_util.tree_flatten_with_path(desired)[0]
-  for a, (path, d) in zip(jax.tree.leaves(actual), flat):
-    error = float(np.linalg.norm(np.asarray(a) - np.asarray(d)))
-    assert error <= rtol * float(np.linalg.norm(d)) + floor * np.sqrt(d.size), (
-        f"{jax.tree_util.keystr(path)}: |error| {error:.3g} vs |value| {np.linalg.norm(d):.3g}")
-
-
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _loss_and_grads(model, variables, images, train):
   def loss(params):
@@ -168,7 +158,10 @@ def test_whole_model_is_the_same_with_either_implementation(size):
   model, variables, images = init_tiny(size=size, dropout_rate=0.0, survival_prob=1.0)
   results = {impl: _loss_and_grads(model.clone(conv_impl=impl), variables, images, True)
              for impl in ("xla", "shifted")}
-  assert_trees_close(results["shifted"], results["xla"], rtol=1e-3)
+  # Every element within 1e-3 of itself plus 1e-3 of its leaf's largest value: sums reassociate. The
+  # gradients reach ~1e3; those zero in exact arithmetic (a bias feeding batch norm) hold ~1e-4 of float
+  # noise, under the floor's 1e-3.
+  assert_trees_close(results["shifted"], results["xla"], rtol=1e-3, atol=1e-3, floor=1.0)
 
 
 # --- noise and modes ---------------------------------------------------------
@@ -271,4 +264,6 @@ def test_rematerialization_changes_nothing_but_memory():
   model, variables, images = init_tiny(dropout_rate=0.0, survival_prob=0.7)
   plain = _loss_and_grads(model, variables, images, True)
   remat = _loss_and_grads(model.clone(remat=True), variables, images, True)
-  assert_trees_close(remat, plain, rtol=1e-3)
+  # The same arithmetic recomputed (bit for bit on CPU): every element within 1e-5 of itself plus 1e-6 of the
+  # gradients' scale (~1e3).
+  assert_trees_close(remat, plain, rtol=1e-5, atol=1e-6, floor=1e3)

@@ -1,5 +1,5 @@
 """Pseudo-label records, statistics and the paper's selection, checked against hand-computed examples and
-read back through the student's source (`open_source(..., selection=...)`)."""
+read back through the student's source (`open_source(..., copies=pl.copies_fn(selection, seed))`)."""
 
 import collections
 import os
@@ -77,7 +77,7 @@ def test_selection_matches_the_hand_computed_example(tmp_path):
   # Without balancing only the threshold applies: 10 + 2 + 3 + 4 images, once each.
   assert pl.select(stats, threshold=0.3, balance=False)["expected_total"] == 19
 
-  src = sources.open_source(str(tmp_path / "labels-*.tfrecord"), with_key=True, selection=sel, **ONE)
+  src = sources.open_source(str(tmp_path / "labels-*.tfrecord"), with_key=True, copies=pl.copies_fn(sel, 0), **ONE)
   got = collections.Counter(ex["key"].decode() for ex in src.dataset.as_numpy_iterator())
   assert src.num_examples == sum(got.values())
   assert all(got[f"c0_hi{i}"] == 1 for i in range(5))
@@ -89,7 +89,8 @@ def test_selection_matches_the_hand_computed_example(tmp_path):
   assert [got[f"c2_{i}"] for i in range(3)] == [2, 2, 2]
   assert [got[f"c3_{i}"] for i in range(4)] == [1 + int(_unit_hash(f"0:copy:c3_{i}") < 0.5) for i in range(4)]
   # Deterministic: the same seed keeps the same records; another seed may choose others but as many whole.
-  again = sources.open_source(str(tmp_path / "labels-*.tfrecord"), with_key=True, selection=sel, **ONE)
+  again = sources.open_source(str(tmp_path / "labels-*.tfrecord"), with_key=True, copies=pl.copies_fn(sel, 0),
+                              **ONE)
   assert collections.Counter(ex["key"].decode() for ex in again.dataset.as_numpy_iterator()) == got
 
 
@@ -103,7 +104,7 @@ def test_hashed_fractions_hit_n_in_expectation_and_processes_agree(tmp_path):
   assert sel["classes"][0]["cutoff_fraction"] == pytest.approx(1 / 3) and sel["classes"][1]["copies"] == 2.5
   spec = str(tmp_path / "labels-*.tfrecord")
   whole = collections.Counter(ex["key"].decode() for ex in sources.open_source(
-      spec, with_key=True, selection=sel, selection_seed=7, **ONE).dataset.as_numpy_iterator())
+      spec, with_key=True, copies=pl.copies_fn(sel, 7), **ONE).dataset.as_numpy_iterator())
   n_a = sum(v for k, v in whole.items() if k.startswith("a"))
   n_b = sum(v for k, v in whole.items() if k.startswith("b"))
   # Binomial(3000, 1/3): sd 26; 400 + Binomial(400, 1/2): sd 10. Four sd either side.
@@ -112,7 +113,7 @@ def test_hashed_fractions_hit_n_in_expectation_and_processes_agree(tmp_path):
   # Two processes, each reading its own shards, select exactly the records one process selects.
   parts = collections.Counter()
   for p in range(2):
-    src = sources.open_source(spec, with_key=True, selection=sel, selection_seed=7, process_index=p,
+    src = sources.open_source(spec, with_key=True, copies=pl.copies_fn(sel, 7), process_index=p,
                               process_count=2)
     parts.update(ex["key"].decode() for ex in src.dataset.as_numpy_iterator())
   assert parts == whole

@@ -8,7 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from noisy_student import checkpoint, sharding, train
+from helpers import assert_trees_close
+from noisy_student import checkpoint, sharding, train, trainer
+from noisy_student import normalization as normalization_lib
 from noisy_student.models import create_model
 
 NUM_CLASSES = 10
@@ -63,24 +65,12 @@ def run_steps(setup, mesh_shape, start_state, first, last, param_sharding="repli
   metrics = []
   for step in range(first, last):
     state, m = step_fn(state, sharding.host_to_global(make_batch(step), mesh))
-    train.check_finite(m["loss"], step)
+    trainer.check_finite(m["loss"], step)
     metrics.append(jax.device_get(m))
   if param_sharding == "fsdp":  # the returned state really is split: large arrays over the 'fsdp' axis
     specs = [tuple(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) + jax.tree.leaves(state.params)]
     assert any("fsdp" in s for s in specs) and any(s == () for s in specs), specs
   return jax.device_get(state), metrics
-
-
-def assert_trees_close(a, b, rtol):
-  """Each leaf within rtol of its own scale (max |x|, at least 1e-2).
-
-  The floor is for leaves whose gradient is zero in exact arithmetic (e.g. the bias of a batch norm feeding
-  another batch norm): after one step they hold ~1e-7 of reassociation noise, different on every mesh.
-  """
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    scale = max(np.max(np.abs(x)), 1e-2)
-    np.testing.assert_allclose(x, y, rtol=0, atol=rtol * scale, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("mesh_shape,param_sharding", [((4, 2), "replicate"), ((8, 1), "replicate"),
@@ -97,7 +87,9 @@ def test_train_step_on_8_devices_matches_1_device(setup, mesh_shape, param_shard
   moved = np.max(np.abs(one.params["classifier"]["kernel"] - init.params["classifier"]["kernel"]))
   assert 1e-3 < moved < 1.0
   for name in ("params", "batch_stats", "ema_params", "ema_batch_stats", "opt_state"):
-    assert_trees_close(getattr(one, name), getattr(many, name), rtol=1e-4)
+    # Each leaf within 1e-4 of its scale, at least 1e-2: leaves zero in exact arithmetic (the bias of a batch
+    # norm feeding another) hold ~1e-7 of reassociation noise after one step, different on every mesh.
+    assert_trees_close(getattr(many, name), getattr(one, name), atol=1e-4, floor=1e-2)
   # EMA warm-up: after step 0 the average is 0.1 * old + 0.9 * new.
   np.testing.assert_allclose(
       one.ema_params["classifier"]["kernel"],
@@ -136,11 +128,6 @@ def test_restore_with_other_class_count_names_the_variable(setup, tmp_path):
   with pytest.raises(checkpoint.CheckpointMismatchError,
                      match=r"params/classifier/bias: checkpoint .* shape \(10,\), model expects \(11,\)"):
     checkpoint.restore_latest(manager, template)
-
-
-def test_restore_latest_without_checkpoint_is_none(setup, tmp_path):
-  manager = checkpoint.create_manager(str(tmp_path / "empty"))
-  assert checkpoint.restore_latest(manager, setup[3]) is None
 
 
 def test_learning_rate_schedule_numbers():
@@ -232,11 +219,30 @@ def test_loss_is_smoothed_ce_on_labeled_plus_soft_ce_on_pseudo_labeled():
 
 
 def test_non_finite_loss_raises_naming_the_step():
-  train.check_finite(jnp.float32(1.5), 3)
+  trainer.check_finite(jnp.float32(1.5), 3)
   with pytest.raises(FloatingPointError, match="at step 7"):
-    train.check_finite(jnp.float32(math.nan), 7)
+    trainer.check_finite(jnp.float32(math.nan), 7)
   with pytest.raises(FloatingPointError, match="at step 8"):
-    train.check_finite(np.float32(np.inf), 8)
+    trainer.check_finite(np.float32(np.inf), 8)
+
+
+@pytest.mark.parametrize("normalization", ["imagenet", "svhn"])
+def test_uint8_pixels_train_as_the_host_standardized_ones(setup, normalization):
+  """The uint8 input contract: the step standardizes uint8 pixels on the device exactly as the host would,
+  and passes a float (already standardized) batch through, so old and new pipelines train alike."""
+  model, tx, schedule, init = setup
+  mesh = sharding.create_mesh(1, 1, devices=jax.devices()[:1])
+  step_fn = train.make_train_step(model, tx, mesh, schedule=schedule, normalization=normalization)
+  batch = make_batch(0)
+  pixels = np.random.default_rng(7).integers(0, 256, batch["image"].shape, dtype=np.uint8)
+  on_host = normalization_lib.normalize_pixels(pixels, normalization)
+  assert on_host.dtype == np.float32
+  results = []
+  for images in (pixels, on_host):
+    state = train.replicate(init, mesh)  # fresh buffers: the step donates its state
+    results.append(jax.device_get(step_fn(state, sharding.host_to_global(dict(batch, image=images), mesh))))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 def test_explicit_axis_mesh_is_refused(setup):

@@ -7,8 +7,10 @@ position k * batch: the stream begins at epoch (k * batch) // n and skips the re
 so a resumed run produces exactly the batches an uninterrupted one would, without decoding what it skips
 (at most one epoch of raw records is read and dropped).
 
-Batches are dicts of global arrays sharded over the mesh's ('data', 'fsdp') axes:
-  train: image f32 [B, S, S, 3] (normalized), targets f32 [B, C] (one-hot for labeled rows: label
+Batches are dicts of global arrays sharded over the mesh's ('data', 'fsdp') axes. Images are uint8 pixels:
+the jitted steps standardize them on the device (normalization.normalize_pixels), which moves a quarter of
+the bytes of float32 batches and saves the pipeline a pass over every pixel.
+  train: image uint8 [B, S, S, 3], targets f32 [B, C] (one-hot for labeled rows: label
          smoothing belongs to the loss; the teacher's distribution for pseudo-labeled rows), is_labeled bool [B].
          Each process contributes labeled rows then pseudo-labeled rows.
   eval:  image, label int32 [B] (labeled sources), mask bool [B]: padding rows have mask False, so every
@@ -17,16 +19,13 @@ Batches are dicts of global arrays sharded over the mesh's ('data', 'fsdp') axes
 
 import dataclasses
 import math
-import queue
-import threading
-from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 import tensorflow as tf
-from absl import logging
+from jax.experimental import multihost_utils
 
-from noisy_student import normalization as normalization_lib
 from noisy_student import sharding
 from noisy_student.data import preprocess
 from noisy_student.data import randaugment as ra
@@ -118,7 +117,7 @@ def _small_image_noise(images, draws, cutout_centers, pad_crop, noise: Noise, pa
 
 
 def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, stream_id, crop, flip,
-                   pad, noise, cache, shuffle_buffer, is_labeled, rows=(0, 1), normalization="imagenet"):
+                   pad, noise, cache, shuffle_buffer, is_labeled, rows=(0, 1)):
   scale = noise.geometry_scale(image_size)
   row, of = rows  # this process's share of every global batch of a source read whole (global order)
   small = crop == "pad_crop" and noise.randaugment_layers > 0  # crops after RandAugment: see Noise
@@ -150,7 +149,7 @@ def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, 
       images = ra.randaugment_batch(images, draws, noise.randaugment_magnitude,
                                     translate_const=ra.TRANSLATE_CONST * scale,
                                     cutout_const=ra.CUTOUT_CONST * scale)
-    return dict(batch_, image=preprocess.normalize(images, normalization))
+    return dict(batch_, image=images)
 
   global_batch = batch * of
   ds = stream(source, start=start_step * global_batch, seed=seed, stream_id=stream_id, cache=cache,
@@ -166,8 +165,7 @@ def train_dataset(labeled: Source, *, batch_size: int, image_size: int, seed: in
                   unlabeled: Optional[Source] = None, unlabeled_batch_size: int = 0,
                   num_classes: Optional[int] = None, crop: str = "inception", flip: bool = True,
                   pad: int = 4, noise: Noise = Noise(), cache: Optional[bool] = None,
-                  shuffle_buffer: int = SHUFFLE_BUFFER, normalization: str = "imagenet",
-                  global_rows: Tuple[int, int] = (0, 1)) -> tf.data.Dataset:
+                  shuffle_buffer: int = SHUFFLE_BUFFER, global_rows: Tuple[int, int] = (0, 1)) -> tf.data.Dataset:
   """This process's endless train batches (numpy via tf.data), from step `start_step`.
 
   batch_size / unlabeled_batch_size are per process. Each element holds batch_size labeled rows followed
@@ -182,8 +180,7 @@ def train_dataset(labeled: Source, *, batch_size: int, image_size: int, seed: in
     if src is not None and src.num_classes and src.num_classes != num_classes:
       raise ValueError(f"{src.spec}: has {src.num_classes} classes, expected {num_classes}.")
   kw = dict(start_step=start_step, image_size=image_size, num_classes=num_classes, seed=seed, crop=crop,
-            flip=flip, pad=pad, noise=noise, cache=cache, shuffle_buffer=shuffle_buffer, rows=global_rows,
-            normalization=normalization_lib.check_normalization(normalization))
+            flip=flip, pad=pad, noise=noise, cache=cache, shuffle_buffer=shuffle_buffer, rows=global_rows)
   ds = _batched_train(labeled, batch=batch_size, stream_id=0, is_labeled=True, **kw)
   if unlabeled is not None and unlabeled_batch_size > 0:
     pseudo = _batched_train(unlabeled, batch=unlabeled_batch_size, stream_id=1, is_labeled=False, **kw)
@@ -218,8 +215,7 @@ def train_iterator(labeled: Source, *, labeled_batch: int, image_size: int, seed
   (process_count=1) while jax runs several processes are read in global order (see train_dataset's
   global_rows): the same batches as a one-process run, at the cost of every process reading every raw
   record; meant for datasets small enough to cache.
-  Other keyword arguments (crop, flip, pad, noise, num_classes, cache, shuffle_buffer, normalization) go to
-  train_dataset.
+  Other keyword arguments (crop, flip, pad, noise, num_classes, cache, shuffle_buffer) go to train_dataset.
   """
   mesh = mesh if mesh is not None else sharding.create_mesh()
   procs = labeled.process_count
@@ -246,7 +242,7 @@ def train_batch_spec(global_batch: int, image_size: int, num_classes: int, mesh=
   compile a train step before the pipeline exists (a test holds it to the pipeline's element_spec)."""
   mesh = mesh if mesh is not None else sharding.create_mesh()
   batch_sharding = sharding.batch_sharding(mesh)
-  shapes = {"image": ((global_batch, image_size, image_size, 3), np.float32),
+  shapes = {"image": ((global_batch, image_size, image_size, 3), np.uint8),
             "targets": ((global_batch, num_classes), np.float32), "is_labeled": ((global_batch,), np.bool_)}
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
           for k, (shape, dtype) in shapes.items()}
@@ -254,16 +250,13 @@ def train_batch_spec(global_batch: int, image_size: int, num_classes: int, mesh=
 
 def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_size: int,
                  crop: str = "center", with_raw: bool = False, start_batch: int = 0,
-                 normalize: bool = True, keep: Sequence[str] = (),
-                 normalization: str = "imagenet") -> tf.data.Dataset:
+                 keep: Sequence[str] = ()) -> tf.data.Dataset:
   """This process's `num_batches` eval batches of batch_size, zero-padded with mask False.
 
   keep: further numeric features of the source's elements that go into the batches as they are (e.g. a
   video frame's 'video' and 'frame'). with_raw keeps the encoded image bytes ('encoded') and the key ('key',
   when the source has it), for the labeling job. start_batch skips whole batches before decoding (a resumed
   labeling job).
-  normalize=False yields uint8 pixels for a consumer that normalizes on the device
-  (`preprocess.normalize_pixels`): half the input pipeline's CPU time and a quarter of the bytes moved.
   """
   if source.num_examples > num_batches * batch_size:
     raise ValueError(f"{source.spec}: {source.num_examples} examples do not fit {num_batches} batches "
@@ -271,7 +264,6 @@ def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_siz
 
   def prepare(ex):
     image = preprocess.eval_image(ex["image"], image_size, crop=crop)
-    image = preprocess.normalize(image, normalization) if normalize else image
     out = {"image": tf.ensure_shape(image, [image_size, image_size, 3]), "mask": tf.constant(True)}
     if "label" in ex:
       out["label"] = tf.cast(ex["label"], tf.int32)
@@ -297,7 +289,6 @@ def eval_num_batches(source: Source, per_process_batch: int) -> int:
   """Batches every process runs: enough for the largest process part (asks jax when not in metadata)."""
   largest = source.max_process_examples
   if largest is None:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     counts = multihost_utils.process_allgather(np.int64(source.num_examples))
     largest = int(np.max(counts))
   return max(1, math.ceil(largest / per_process_batch))
@@ -305,21 +296,19 @@ def eval_num_batches(source: Source, per_process_batch: int) -> int:
 
 def eval_iterator(source: Source, *, global_batch: int, image_size: int, crop: str = "center",
                   mesh=None, with_raw: bool = False, start_batch: int = 0,
-                  normalize: bool = True, keep: Sequence[str] = (),
-                  normalization: str = "imagenet") -> Iterator[dict]:
+                  keep: Sequence[str] = ()) -> Iterator[dict]:
   """Global eval batches covering every example of the source exactly once (mask marks padding).
 
   With with_raw, each batch also has 'local': this process's rows as numpy ('encoded', 'key', 'mask').
-  normalize=False (uint8 images) and keep (features passed through) as in eval_dataset. The set-up runs in
-  the call, on the caller's thread (for a source without per-process counts it is a collective: every
-  process agrees on the batch count); only the batches come lazily, so the iterator may be consumed by
-  another thread (ReadAhead) without a collective there racing the caller's.
+  keep (features passed through) as in eval_dataset. The set-up runs in the call, on the caller's thread (for
+  a source without per-process counts it is a collective: every process agrees on the batch count); only the
+  batches come lazily, so the iterator may be consumed by another thread (read_ahead.ReadAhead) without a
+  collective there racing the caller's.
   """
   mesh = mesh if mesh is not None else sharding.create_mesh()
   local = local_batch(global_batch, "global_batch", mesh, source.process_count)
   ds = eval_dataset(source, batch_size=local, num_batches=eval_num_batches(source, local),
-                    image_size=image_size, crop=crop, with_raw=with_raw, start_batch=start_batch,
-                    normalize=normalize, keep=keep, normalization=normalization)
+                    image_size=image_size, crop=crop, with_raw=with_raw, start_batch=start_batch, keep=keep)
   return _global_batches(ds, mesh, with_raw)
 
 
@@ -330,81 +319,3 @@ def _global_batches(ds: tf.data.Dataset, mesh, with_raw: bool) -> Iterator[dict]
     if with_raw:
       out["local"] = dict(raw, mask=batch["mask"])
     yield out
-
-
-class ReadAhead:
-  """Iterates `items` in a background thread, up to `depth` items ahead of the consumer.
-
-  It starts at construction, so the producer's work (decoding, resizing, copying batches to the devices)
-  overlaps what the consumer does before its first `next`, such as a labeling job loading its teacher and
-  compiling its step. An error in the producer is raised by the consumer's `next`. Use as a context manager
-  (or call `close`) so an abandoned producer thread stops. The producer must not run multi-process
-  collectives: the consumer's thread may be running its own, and the two would interleave differently on
-  different processes.
-  """
-
-  _END = object()
-
-  def __init__(self, items: Iterable[Any], depth: int):
-    if depth < 1:
-      raise ValueError(f"read-ahead depth must be >= 1, got {depth}")
-    self._queue: queue.Queue = queue.Queue(maxsize=depth)
-    self._stop = threading.Event()
-    self._finished = False
-    self._thread = threading.Thread(target=self._produce, args=(items,), daemon=True, name="read_ahead")
-    self._thread.start()
-
-  def _produce(self, items):
-    try:
-      for item in items:
-        if not self._put((item, None)):
-          return
-      self._put((self._END, None))
-    except BaseException as e:  # pylint: disable=broad-except  # re-raised in the consumer
-      self._put((self._END, e))
-
-  def _put(self, entry) -> bool:
-    while not self._stop.is_set():
-      try:
-        self._queue.put(entry, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._finished:
-      raise StopIteration
-    item, error = self._queue.get()
-    if item is self._END:
-      self._finished = True
-      if error is not None:
-        raise error
-      raise StopIteration
-    return item
-
-  def close(self) -> None:
-    self._finished = True
-    self._stop.set()
-    self._drain()  # unblock a producer waiting on a full queue
-    self._thread.join(timeout=10)
-    self._drain()  # what it put before it saw the stop
-    if self._thread.is_alive():
-      logging.warning("The read-ahead producer is still inside its iterator 10 s after close(); it stops at "
-                      "its next item.")
-
-  def _drain(self) -> None:
-    while True:
-      try:
-        self._queue.get_nowait()
-      except queue.Empty:
-        return
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()

@@ -1,4 +1,4 @@
-"""Official EfficientNet preprocessing as tf ops for tf.data: train crops, eval crop, normalization.
+"""Official EfficientNet preprocessing as tf ops for tf.data: train crops, eval crop (uint8 out).
 
 All randomness is stateless with an explicit seed (a [2] int tensor), so the pipeline is deterministic and a
 resumed run reproduces every crop. Crop functions take *encoded* bytes (JPEG or PNG) and return uint8
@@ -6,7 +6,6 @@ resumed run reproduces every crop. Crop functions take *encoded* bytes (JPEG or 
 code does, which is what makes ImageNet input fast. Grayscale images become RGB.
 """
 
-import numpy as np
 import tensorflow as tf
 
 from noisy_student import normalization as normalization_lib
@@ -134,7 +133,8 @@ def resize_whole(encoded: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def normalize(image: tf.Tensor, normalization: str = "imagenet") -> tf.Tensor:
-  """uint8 RGB -> float32 standardized by the dataset's statistics (normalization.py), in tf ops."""
+  """uint8 RGB -> float32 standardized by the dataset's statistics (normalization.py), in tf ops: the steps' own
+  standardization as a tf reference (the pipelines hand uint8 to the devices and do not call it)."""
   return normalization_lib.standardize(tf.cast(image, tf.float32), normalization)
 
 

@@ -16,8 +16,9 @@ Nothing here downloads: an unprepared dataset is an error saying how to prepare 
 
 import dataclasses
 import os
-from typing import Any, Mapping, Optional
+from typing import Callable, Optional, Tuple
 
+import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -65,9 +66,15 @@ def parse_spec(spec: str):
   return "tfrecord", spec, None
 
 
-def _process(process_index, process_count):
+# (label int64, confidence float32, key string) -> int64: how many times a pseudo-labeled record is read
+# (0 drops it). The trainer builds one from pseudo_labels.copies_fn(selection, seed).
+Copies = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+def resolve_process(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
+  """(index, count) of the process whose part a reader opens: jax's for what is not given, checked (every
+  reader of a dataset in parts, tfds, TFRecords or videos, splits it the same way)."""
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -78,25 +85,25 @@ def _process(process_index, process_count):
 def open_source(spec: str, *, data_dir: Optional[str] = None, labeled: bool = True,
                 with_key: bool = False, process_index: Optional[int] = None,
                 process_count: Optional[int] = None, num_classes: Optional[int] = None,
-                selection: Optional[Mapping[str, Any]] = None, selection_seed: int = 0) -> Source:
+                copies: Optional[Copies] = None) -> Source:
   """Opens this process's part of `spec`. `labeled=False` drops labels (an unlabeled source).
 
-  `selection` (pseudo_labels.select's output; TFRecord sources only) filters and duplicates pseudo-labeled
-  records per predicted class; `selection_seed` seeds its hashed fractions.
+  `copies` (TFRecord sources only) filters and duplicates pseudo-labeled records: each record is read as many
+  times as it returns for the record's label, confidence and key. The caller builds it (the paper's selection
+  is pseudo_labels.copies_fn), so this layer knows nothing of how records are chosen.
 
   process_index / process_count default to jax's; pass them to read another process's part (tests, tools).
   `with_key` adds 'key': tfds' `tfds_id` (stable across runs and process counts) or the record's image/key.
   """
-  process_index, process_count = _process(process_index, process_count)
+  process_index, process_count = resolve_process(process_index, process_count)
   kind, name, split = parse_spec(spec)
   if kind == "tfds":
-    if selection is not None:
+    if copies is not None:
       raise ValueError(f"{spec}: a pseudo-label selection applies to TFRecord shards, not tfds datasets.")
     return _open_tfds(spec, name, split, data_dir=data_dir, labeled=labeled, with_key=with_key,
                       process_index=process_index, process_count=process_count, num_classes=num_classes)
   return _open_tfrecords(spec, labeled=labeled, with_key=with_key, process_index=process_index,
-                         process_count=process_count, num_classes=num_classes, selection=selection,
-                         selection_seed=selection_seed)
+                         process_count=process_count, num_classes=num_classes, copies=copies)
 
 
 # ---------------------------------------------------------------------------------------------- tfds
@@ -237,8 +244,7 @@ def _manifest_files(spec, files):
   return [f for f in files if named.get(f, 0) > 0]
 
 
-def _open_tfrecords(spec, *, labeled, with_key, process_index, process_count, num_classes, selection,
-                    selection_seed):
+def _open_tfrecords(spec, *, labeled, with_key, process_index, process_count, num_classes, copies):
   files = sorted(tf.io.gfile.glob(spec))
   if not files:
     raise FileNotFoundError(f"No TFRecord files match {spec!r}.")
@@ -279,7 +285,7 @@ def _open_tfrecords(spec, *, labeled, with_key, process_index, process_count, nu
         raise ValueError(f"{files[0]}: hard labels only; num_classes must be given.")
       schema["label"] = tf.io.FixedLenFeature([], tf.int64)
 
-  if selection is not None:
+  if copies is not None:
     for key, kind in (("label", "int64_list"), ("confidence", "float_list"), ("image/key", "bytes_list")):
       _check_feature(files[0], feats, key, kind)
       schema[key] = tf.io.FixedLenFeature([], {"label": tf.int64, "confidence": tf.float32,
@@ -306,9 +312,7 @@ def _open_tfrecords(spec, *, labeled, with_key, process_index, process_count, nu
       out["label"] = ex["label"]
     return out
 
-  if selection is not None:
-    from noisy_student import pseudo_labels  # pylint: disable=g-import-not-at-top
-    copies = pseudo_labels.copies_fn(selection, selection_seed)
+  if copies is not None:
     sel_schema = {k: schema[k] for k in ("label", "confidence", "image/key")}
 
     def repeat(raw):

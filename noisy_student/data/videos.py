@@ -15,7 +15,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from noisy_student.data.sources import Source, _process
+from noisy_student.data.sources import Source, resolve_process
 
 DECODE_PARALLELISM = max(1, min(8, os.cpu_count() or 1))  # videos decoded at once
 
@@ -71,7 +71,7 @@ def read_frames(path: str, expected: Optional[int] = None) -> Iterator[np.ndarra
 def open_video_folder(folder: str, *, process_index: Optional[int] = None,
                       process_count: Optional[int] = None) -> Source:
   """This process's videos of `folder` as a Source of frames (see the module docstring)."""
-  process_index, process_count = _process(process_index, process_count)
+  process_index, process_count = resolve_process(process_index, process_count)
   paths = list_videos(folder)
   mine = list(range(process_index, len(paths), process_count))
   _, height, width = probe(paths[0])  # every process gives its frames the same shape

@@ -1,9 +1,10 @@
-"""train_and_evaluate(config, workdir): the host loop around the compiled steps of train.py.
+"""The host loop around the compiled steps of train.py: train_and_evaluate and evaluate_checkpoint.
 
 Kept apart from train.py so the step math stays readable: this module owns what a run does over time —
 restore, the data iterator at the restored step, periodic checkpoints (never of a non-finite loss), scalars
 through clu writers (process 0 only), EMA evaluation, SIGTERM -> checkpoint and a clean return, eval.json.
-Every path goes through etils.epath, so WORKDIR may be a gs:// bucket.
+Every path goes through etils.epath, so WORKDIR may be a gs:// bucket. Imports run one way: this module
+imports train.py, never the reverse.
 """
 
 import concurrent.futures
@@ -21,8 +22,9 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
-from noisy_student import checkpoint, outputs, sharding
+from noisy_student import checkpoint, outputs, pseudo_labels, sharding
 from noisy_student import evaluate as evaluate_lib
 from noisy_student import train as train_lib
 from noisy_student import data as data_lib
@@ -79,7 +81,7 @@ def initialize_from(state, directory: str):
 def _train_steps(config, num_examples: int) -> int:
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
-  if config.get("num_epochs", 0) > 0:
+  if config.num_epochs > 0:
     return max(1, int(config.num_epochs * num_examples / config.data.labeled_batch))
   raise ValueError("Set config.num_train_steps (> 0) or config.num_epochs (> 0).")
 
@@ -90,7 +92,6 @@ def open_pseudo_labels(config: ml_collections.ConfigDict, workdir: epath.Path):
   The selection is a pure function of stats.json and the config, so every process computes the same one;
   process 0 records it (selection.json, selection.png) in the workdir.
   """
-  from noisy_student import pseudo_labels  # pylint: disable=g-import-not-at-top
   selection = None
   if config.select.enabled:
     manifest = epath.Path(config.data.unlabeled).parent / "stats.json"
@@ -110,9 +111,9 @@ def open_pseudo_labels(config: ml_collections.ConfigDict, workdir: epath.Path):
       pseudo_labels.plot_histograms(stats, workdir / "selection.png", selection)
     logging.info("Pseudo-label selection: threshold %.2f, %d per class, %.0f of %d records expected.",
                  s.threshold, selection["per_class"], selection["expected_total"], stats["num_examples"])
+  copies = None if selection is None else pseudo_labels.copies_fn(selection, config.seed)
   return data_lib.open_source(config.data.unlabeled, data_dir=_opt(config.data.data_dir),
-                              num_classes=config.model.num_classes, selection=selection,
-                              selection_seed=config.seed, **_whole(config))
+                              num_classes=config.model.num_classes, copies=copies, **_whole(config))
 
 
 def _require_examples_everywhere(source) -> None:
@@ -120,7 +121,6 @@ def _require_examples_everywhere(source) -> None:
   waiting in the first train step's collectives)."""
   counts = [source.num_examples]
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     counts = [int(c) for c in multihost_utils.process_allgather(np.int64(source.num_examples))]
   empty = [i for i, c in enumerate(counts) if c == 0]
   if empty:
@@ -131,22 +131,30 @@ def _require_examples_everywhere(source) -> None:
 def _whole(config: ml_collections.ConfigDict) -> Dict[str, int]:
   """config.data.global_order: every process opens the train sources whole and keeps its rows of each global
   batch, so batches do not depend on the process count (small datasets); else each reads its own part."""
-  return dict(process_index=0, process_count=1) if config.data.get("global_order") else {}
+  return dict(process_index=0, process_count=1) if config.data.global_order else {}
 
 
 def evaluate(eval_step, variables, source, config, mesh) -> Dict[str, float]:
   """Top-1 / top-5 of `variables` over the whole eval source, at config's eval batch, size and crop."""
   return evaluate_lib.evaluate(eval_step, variables, source, global_batch=config.data.eval_batch,
                                image_size=config.model.image_size,
-                               crop=config.data.get("eval_crop", "center"), mesh=mesh,
-                               normalization=config.data.get("normalization", "imagenet"))
+                               crop=config.data.eval_crop, mesh=mesh)
+
+
+def robustness_suites(config: ml_collections.ConfigDict) -> evaluate_lib.Suites:
+  """config.evaluate's robustness suites, checked against the model and its input statistics."""
+  return evaluate_lib.parse_suites(**config.evaluate, num_classes=config.model.num_classes,
+                                   normalization=config.data.normalization)
 
 
 def robustness(model, variables, config, mesh) -> Dict[str, Any]:
   """{'robustness': per-suite results} for config.evaluate.suites (evaluate.py), or {} when none are set."""
   if not config.evaluate.suites:
     return {}
-  return {"robustness": evaluate_lib.robustness(model, variables, config, mesh)}
+  return {"robustness": evaluate_lib.robustness(
+      model, variables, robustness_suites(config), mesh, data_dir=_opt(config.data.data_dir),
+      image_size=config.model.image_size, global_batch=config.data.eval_batch,
+      normalization=config.data.normalization)}
 
 
 def _eval_scalars(result: Dict[str, Any]) -> Dict[str, float]:
@@ -178,7 +186,6 @@ class _Preemption:
     """True when any process was asked to stop (all processes must stop at the same step)."""
     if jax.process_count() == 1:
       return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
@@ -196,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   """
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  evaluate_lib.parse_suites(config)  # a typo in config.evaluate fails now, not after training
+  robustness_suites(config)  # a typo in config.evaluate fails now, not after training
   data_dir = _opt(config.data.data_dir)
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
 
@@ -251,15 +258,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   train_step = train_lib.make_train_step(model, tx, mesh, label_smoothing=opt.label_smoothing,
                                          ema_decay=opt.ema_decay, schedule=schedule,
-                                         state_shardings=jax.tree.map(lambda x: x.sharding, state))
-  eval_step = evaluate_lib.make_eval_step(model, mesh)
+                                         state_shardings=jax.tree.map(lambda x: x.sharding, state),
+                                         normalization=config.data.normalization)
+  eval_step = evaluate_lib.make_eval_step(model, mesh, normalization=config.data.normalization)
   global_batch = config.data.labeled_batch * (1 + (config.data.ratio if unlabeled is not None else 0))
   batches = data_lib.train_iterator(
       labeled, labeled_batch=config.data.labeled_batch, image_size=config.model.image_size,
       seed=config.seed, start_step=start_step, unlabeled=unlabeled,
       ratio=config.data.ratio if unlabeled is not None else 0, mesh=mesh, num_classes=num_classes,
-      crop=config.data.crop, flip=config.data.get("flip", True),
-      normalization=config.data.get("normalization", "imagenet"),
+      crop=config.data.crop, flip=config.data.flip,
       noise=data_lib.Noise(config.data.randaugment_layers, config.data.randaugment_magnitude))
   if start_step < total_steps:
     batch_spec = data_lib.train_batch_spec(global_batch, config.model.image_size, num_classes, mesh)
@@ -275,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   def save(step, force=False):
     if last_loss is not None:
-      train_lib.check_finite(last_loss, step)
+      check_finite(last_loss, step)
     checkpoint.save(manager, state, step, force=force)
 
   step = start_step
@@ -293,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if step % log_every == 0 or step == total_steps:
           scalars = _mean(pending)
           pending = []
-          train_lib.check_finite(scalars["loss"], step)
+          check_finite(scalars["loss"], step)
           elapsed = time.monotonic() - interval_start
           scalars["img_per_sec"] = (step - interval_step) * global_batch / max(elapsed, 1e-9)
           interval_start, interval_step = time.monotonic(), step
@@ -341,6 +348,14 @@ def _compile_while_first_batch(step_fn, state, batch_spec, batches):
     return compiled.result(), itertools.chain([first], batches)
 
 
+def check_finite(loss: Any, step: int) -> None:
+  """Raises before anything is saved, so the last good checkpoint is the one a restart resumes from."""
+  value = float(np.asarray(jax.device_get(loss)))
+  if not np.isfinite(value):
+    raise FloatingPointError(f"Non-finite loss {value} at step {int(step)}; stopping without saving "
+                             f"(the latest checkpoint is from before this step).")
+
+
 def _mean(metrics_list) -> Dict[str, float]:
   host = jax.device_get(metrics_list)
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
@@ -350,7 +365,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Opti
   """mode='evaluate': the latest checkpoint's EMA weights on config.data.eval and the robustness suites of
   config.evaluate.suites, written to eval.json."""
   workdir = epath.Path(workdir)
-  evaluate_lib.parse_suites(config)
+  robustness_suites(config)
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
   model = build_model(config, config.model.num_classes)
   _, tx = build_optimizer(config, 1, 1)  # only the state's structure matters for restoring
@@ -363,7 +378,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Opti
   source = data_lib.open_source(config.data.eval, data_dir=_opt(config.data.data_dir),
                                 num_classes=config.model.num_classes)
   variables = train_lib.eval_variables(state)
-  result = evaluate(evaluate_lib.make_eval_step(model, mesh), variables, source, config, mesh)
+  result = evaluate(evaluate_lib.make_eval_step(model, mesh, normalization=config.data.normalization), variables,
+                    source, config, mesh)
   result = dict(result, **robustness(model, variables, config, mesh), step=int(jax.device_get(state.step)))
   _write_json(workdir / EVAL_FILE, result)
   return result
