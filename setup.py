@@ -36,6 +36,7 @@ setuptools.setup(
             "pytest-xdist>=3.5",
             "keras>=3.8,<4",  # parity tests against keras.applications.EfficientNet
             "av>=14",  # the ImageNet-P reader's tests write and read videos
+            "ruff==0.17.6",  # lint and format check (pyproject.toml); pinned so formatting is stable
         ],
         # ImageNet-P's perturbation videos (config.evaluate.suites=imagenet_p) are decoded with PyAV.
         "video": ["av>=14"],

@@ -1,7 +1,7 @@
 """The README's demo table: the Noisy Student loop of configs/digits.py for several seeds, students noised
 and not (the paper's ablation), each run timed as a user would (`python -m noisy_student`, wall clock).
 
-  python benchmarks/demo.py --seeds=0,1,2 --workdir=/tmp/demo [--cold]
+  python benchmarks/demo.py --seeds=0,1,2 --workdir=workdirs/demo [--cold]
 
 --cold starts from an empty XLA compilation cache (as a first run on a fresh machine); otherwise the CLI's
 default cache is used, so compiled steps are reused across runs. The no-noise run of a seed reuses that seed's teacher (the same stage, copied), so only the
@@ -33,7 +33,7 @@ def run(workdir, cache, *overrides):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--workdir", default="/tmp/noisy_student_demo")
+  parser.add_argument("--workdir", default="workdirs/demo")
   parser.add_argument("--cold", action="store_true", help="empty the compilation cache before the first run")
   args = parser.parse_args()
   cache = os.path.join(args.workdir, "jax_cache") if args.cold else None

@@ -4,7 +4,7 @@
 
 The machine's speed moves by up to 1.3x from one minute to the next, so two versions of the kernels are
 only comparable timed step by step in the same process. Each file is a copy of ops.py (e.g.
-`git show HEAD~1:noisy_student/models/ops.py > /tmp/old_ops.py`); with one file it is compared against
+`git show HEAD~1:noisy_student/models/ops.py > old_ops.py`); with one file it is compared against
 the checked-out ops.py. For each file the model is built with that file's kernels swapped in, and the
 compiled steps then run alternately (`timing.time_alternating`), twice. `--mode=train`: b0's train step as
 in model_throughput.py; `infer`: one eval-mode pass; `label`: the labeling job's step

@@ -1,8 +1,8 @@
 """PyTorch + timm EfficientNet train-step and inference throughput (img/s), the peer baseline.
 
-    /tmp/timmvenv/bin/python benchmarks/timm_throughput.py --batch=32 --resolution=224 [--bf16]
+    ~/timmvenv/bin/python benchmarks/timm_throughput.py --batch=32 --resolution=224 [--bf16]
 
-Runs in its own virtual environment, not this project's requirements: `python3 -m venv /tmp/timmvenv`,
+Runs in its own virtual environment, not this project's requirements: `python3 -m venv ~/timmvenv`,
 `pip install torch==2.13.0`, then `pip install --no-deps timm huggingface_hub pyyaml safetensors pillow`
 (timm's torchvision requirement would pull a torch 2.14 build, and torchvision 0.28 fails to import against
 torch 2.13 here; the measured runs used a minimal local `torchvision` stub providing

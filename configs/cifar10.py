@@ -1,4 +1,4 @@
-"""python -m noisy_student --config=configs/cifar10.py --workdir=/tmp/cifar10  (teacher on 4,000 labels;
+"""python -m noisy_student --config=configs/cifar10.py --workdir=workdirs/cifar10  (teacher on 4,000 labels;
 about 85% test top-1 expected for a WRN-sized model, not measured for EfficientNet-B0 here)
 
 CIFAR-10 with 4,000 labels (train[:4000]); the other 46,000 training images are the unlabeled pool the

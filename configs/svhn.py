@@ -1,4 +1,4 @@
-"""python -m noisy_student --config=configs/svhn.py --workdir=/tmp/svhn (teacher 97.9%, student 98.6%)
+"""python -m noisy_student --config=configs/svhn.py --workdir=workdirs/svhn (teacher 97.9%, student 98.6%)
 
 The official Noisy Student SVHN recipe: EfficientNet-B0 on 32x32 images with the small-image network,
 labeled batch 128, train split labeled, `extra` (531,131 images) as the unlabeled pool, soft pseudo-labels at

@@ -153,3 +153,23 @@ def test_a_missing_or_mismatched_export_is_an_error_naming_the_folder(tmp_path):
                            r"params/dense/bias: checkpoint has shape \(3,\), model expects \(10,\); "
                            r"params/dense/kernel: checkpoint has shape \(4, 3\), model expects \(4, 10\)$"):
     checkpoint.load_inference_variables(folder, other)
+
+
+def test_relative_folders_are_taken_from_the_current_directory(tmp_path, monkeypatch):
+  """`--workdir=workdirs/run`: orbax wants absolute paths, so a relative folder is resolved where the job runs."""
+  monkeypatch.chdir(tmp_path)
+  state = tiny_state(0)
+  folder = os.path.join("workdirs", "run", "checkpoints")
+  with checkpoint.create_manager(folder) as manager:
+    checkpoint.save(manager, state, 7)
+  assert _steps(tmp_path / folder) == [7]
+  with checkpoint.create_manager(folder) as manager:
+    assert_bit_identical(checkpoint.restore_latest(manager, tiny_state(1, step=0)), state)
+  export = os.path.join("workdirs", "run", checkpoint.EXPORT_DIR)
+  checkpoint.save_inference_variables(export, train.eval_variables(state))
+  assert (tmp_path / export / "_CHECKPOINT_METADATA").exists()
+  template = jax.eval_shape(lambda: train.eval_variables(state))
+  assert_bit_identical(checkpoint.load_inference_variables(export, template), train.eval_variables(state))
+  elsewhere = os.path.join(os.getcwd(), "elsewhere")  # the error names the folder it looked in
+  with pytest.raises(FileNotFoundError, match=f"No exported teacher variables in {re.escape(elsewhere)} "):
+    checkpoint.load_inference_variables("elsewhere", template)
