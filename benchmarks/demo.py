@@ -4,8 +4,8 @@ and not (the paper's ablation), each run timed as a user would (`python -m noisy
   python benchmarks/demo.py --seeds=0,1,2 --workdir=workdirs/demo [--cold]
 
 --cold starts from an empty XLA compilation cache (as a first run on a fresh machine); otherwise the CLI's
-default cache is used, so compiled steps are reused across runs. The no-noise run of a seed reuses that seed's teacher (the same stage, copied), so only the
-students differ.
+default cache is used, so compiled steps are reused across runs. The no-noise run of a seed reuses that
+seed's teacher (the same stage, copied), so only the students differ.
 """
 
 import argparse
@@ -22,9 +22,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(workdir, cache, *overrides):
   start = time.monotonic()
   cache_flag = [f"--compilation_cache={cache}"] if cache else []  # else the CLI's default cache
-  subprocess.run([sys.executable, "-m", "noisy_student", "--config=configs/digits.py", f"--workdir={workdir}",
-                  *cache_flag, *overrides], cwd=REPO, check=True,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "noisy_student",
+      "--config=configs/digits.py",
+      f"--workdir={workdir}",
+      *cache_flag,
+      *overrides,
+    ],
+    cwd=REPO,
+    check=True,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   wall = time.monotonic() - start
   with open(os.path.join(workdir, "summary.json")) as f:
     return [100 * s["eval"]["top1"] for s in json.load(f)["stages"]], wall
@@ -48,13 +60,18 @@ def main():
     shutil.copytree(os.path.join(noised, "00_teacher"), os.path.join(quiet, "00_teacher"))
     acc_q, wall_q = run(quiet, cache, f"--config.seed={seed}", "--config.iterate.student_noise=False")
     rows.append((acc, acc_q))
-    print(f"{seed} | {acc[0]:.2f} | {acc[1]:.2f} | {acc[2]:.2f} | {acc[2] - acc[0]:+.2f} | {wall:.0f} || "
-          f"{acc_q[1]:.2f} | {acc_q[2]:.2f} | {acc_q[2] - acc_q[0]:+.2f} | {wall_q:.0f}", flush=True)
+    print(
+      f"{seed} | {acc[0]:.2f} | {acc[1]:.2f} | {acc[2]:.2f} | {acc[2] - acc[0]:+.2f} | {wall:.0f} || "
+      f"{acc_q[1]:.2f} | {acc_q[2]:.2f} | {acc_q[2] - acc_q[0]:+.2f} | {wall_q:.0f}",
+      flush=True,
+    )
   mean = lambda xs: sum(xs) / len(xs)
-  print(f"mean | {mean([r[0][0] for r in rows]):.2f} | {mean([r[0][1] for r in rows]):.2f} | "
-        f"{mean([r[0][2] for r in rows]):.2f} | {mean([r[0][2] - r[0][0] for r in rows]):+.2f} | || "
-        f"{mean([r[1][1] for r in rows]):.2f} | {mean([r[1][2] for r in rows]):.2f} | "
-        f"{mean([r[1][2] - r[1][0] for r in rows]):+.2f} |")
+  print(
+    f"mean | {mean([r[0][0] for r in rows]):.2f} | {mean([r[0][1] for r in rows]):.2f} | "
+    f"{mean([r[0][2] for r in rows]):.2f} | {mean([r[0][2] - r[0][0] for r in rows]):+.2f} | || "
+    f"{mean([r[1][1] for r in rows]):.2f} | {mean([r[1][2] for r in rows]):.2f} | "
+    f"{mean([r[1][2] - r[1][0] for r in rows]):+.2f} |"
+  )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """EfficientNet on one GPU: this code's train step and inference beside PyTorch + timm's, in one process.
 
-    python benchmarks/gpu_throughput.py --batch=256 --resolution=224 [--dtypes=float32,bfloat16] [--timm_compile_dtypes=bfloat16]
+    python benchmarks/gpu_throughput.py --batch=256 --resolution=224 [--dtypes=float32,bfloat16] \
+        [--timm_compile_dtypes=bfloat16]
 
 For each compute dtype, builds `model_throughput.build`'s train step (train-mode forward with dropout and
 stochastic depth, cross-entropy, backward, RMSProp, batch-norm update, donated state) and eval-mode forward
@@ -8,8 +9,9 @@ with `conv_impl='auto'` (XLA's native convolutions on a GPU), and timm's same mo
 (`timm_throughput.timm_steps`: channels-last, bf16 as `torch.autocast`, optionally `torch.compile`d),
 on fixed random batches already on the GPU. The two frameworks' steps are timed alternately (median of
 `--steps` after `--warmup`), so clock and thermal drift hit both alike; prints img/s, the ratio, XLA's
-FLOP count per image, compile seconds and each framework's peak GPU memory over the run. Needs jax with CUDA and torch + timm in one
-environment (no TensorFlow). JAX's memory preallocation is turned off so both frameworks fit.
+FLOP count per image, compile seconds and each framework's peak GPU memory over the run. Needs jax with
+CUDA and torch + timm in one environment (no TensorFlow). JAX's memory preallocation is turned off so both
+frameworks fit.
 """
 
 import argparse
@@ -42,16 +44,19 @@ def torch_peak_gib():
 
 def synced(fn, device):
   """fn, then wait for the GPU: torch launches asynchronously."""
+
   def call():
     fn()
     if device == "cuda":
       torch.cuda.synchronize()
+
   return call
 
 
 def measure_jax(args, dtype):
   model, train, infer, state, variables, images, labels = build(
-      args.model, "auto", args.batch, args.resolution, args.num_classes, dtype)
+    args.model, "auto", args.batch, args.resolution, args.num_classes, dtype
+  )
   row = {"impl": model.conv_impl}
   start = time.perf_counter()
   infer_compiled = infer.lower(variables, images).compile()
@@ -63,8 +68,17 @@ def measure_jax(args, dtype):
 
 def measure_torch(args, autocast_dtype, compile_model):
   model, infer, train_step = timm_steps(
-      args.timm_model, args.batch, args.resolution, args.num_classes, args.drop_rate, args.drop_path_rate,
-      torch.channels_last, device=args.torch_device, autocast_dtype=autocast_dtype, compile_model=compile_model)
+    args.timm_model,
+    args.batch,
+    args.resolution,
+    args.num_classes,
+    args.drop_rate,
+    args.drop_path_rate,
+    torch.channels_last,
+    device=args.torch_device,
+    autocast_dtype=autocast_dtype,
+    compile_model=compile_model,
+  )
 
   def eval_mode_infer():
     model.eval()
@@ -80,8 +94,11 @@ def measure_torch(args, autocast_dtype, compile_model):
   infer_s = time.perf_counter() - start
   start = time.perf_counter()
   synced(train_mode_step, args.torch_device)()
-  return ({"infer_compile_s": infer_s, "train_compile_s": time.perf_counter() - start},
-          synced(eval_mode_infer, args.torch_device), synced(train_mode_step, args.torch_device))
+  return (
+    {"infer_compile_s": infer_s, "train_compile_s": time.perf_counter() - start},
+    synced(eval_mode_infer, args.torch_device),
+    synced(train_mode_step, args.torch_device),
+  )
 
 
 def main():
@@ -90,8 +107,9 @@ def main():
   parser.add_argument("--timm_model", default="efficientnet_b0")
   add_run_arguments(parser, batch=256)
   parser.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated: {', '.join(DTYPES)}")
-  parser.add_argument("--timm_compile_dtypes", default="",
-                      help="comma-separated dtypes for which timm is also timed under torch.compile")
+  parser.add_argument(
+    "--timm_compile_dtypes", default="", help="comma-separated dtypes for which timm is also timed under torch.compile"
+  )
   parser.add_argument("--steps", type=int, default=20, help="timed steps (median is reported)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--torch_device", default="cuda", help="'cpu' to try the script out without a GPU")
@@ -102,11 +120,13 @@ def main():
       parser.error(f"{option}: unknown dtype(s) {sorted(unknown)}; expected a comma-separated list of {list(DTYPES)}")
 
   device = jax.devices()[0]
-  print(f"{args.model} batch {args.batch} at {args.resolution}px on {device.device_kind} "
-        f"({device.platform}); jax {jax.__version__} (default matmul precision "
-        f"{jax.config.jax_default_matmul_precision}), torch {torch.__version__} "
-        f"(cudnn tf32 {torch.backends.cudnn.allow_tf32}, matmul tf32 {torch.backends.cuda.matmul.allow_tf32})",
-        flush=True)
+  print(
+    f"{args.model} batch {args.batch} at {args.resolution}px on {device.device_kind} "
+    f"({device.platform}); jax {jax.__version__} (default matmul precision "
+    f"{jax.config.jax_default_matmul_precision}), torch {torch.__version__} "
+    f"(cudnn tf32 {torch.backends.cudnn.allow_tf32}, matmul tf32 {torch.backends.cuda.matmul.allow_tf32})",
+    flush=True,
+  )
   rows = []
   for dtype_name in args.dtypes.split(","):
     jax_dtype, autocast_dtype = DTYPES[dtype_name]
@@ -122,20 +142,29 @@ def main():
     extra = [jax_row] + [p[0] for p in peers.values()]
     for name, row, inf, trn in zip(names, extra, infer_s, train_s):
       rows.append(dict(row, name=name, dtype=dtype_name, infer=args.batch / inf, train=args.batch / trn))
-    print(f"{dtype_name}: " + "; ".join(f"{r['name']} train {r['train']:.0f} / infer {r['infer']:.0f} img/s"
-                                        for r in rows[-len(names):]), flush=True)
+    print(
+      f"{dtype_name}: "
+      + "; ".join(f"{r['name']} train {r['train']:.0f} / infer {r['infer']:.0f} img/s" for r in rows[-len(names) :]),
+      flush=True,
+    )
 
-  print(f"\n{'dtype':>9} {'implementation':>22} {'train img/s':>12} {'infer img/s':>12} "
-        f"{'compile s (train/infer)':>24} {'GFLOP/img (train/infer)':>24}")
+  print(
+    f"\n{'dtype':>9} {'implementation':>22} {'train img/s':>12} {'infer img/s':>12} "
+    f"{'compile s (train/infer)':>24} {'GFLOP/img (train/infer)':>24}"
+  )
   for r in rows:
-    gflops = (f"{r['train_gflops']:.2f} / {r['infer_gflops']:.2f}" if "train_gflops" in r else "")
-    print(f"{r['dtype']:>9} {r['name']:>22} {r['train']:12.0f} {r['infer']:12.0f} "
-          f"{r['train_compile_s']:11.0f} / {r['infer_compile_s']:<10.0f} {gflops:>24}")
+    gflops = f"{r['train_gflops']:.2f} / {r['infer_gflops']:.2f}" if "train_gflops" in r else ""
+    print(
+      f"{r['dtype']:>9} {r['name']:>22} {r['train']:12.0f} {r['infer']:12.0f} "
+      f"{r['train_compile_s']:11.0f} / {r['infer_compile_s']:<10.0f} {gflops:>24}"
+    )
   for dtype_name in args.dtypes.split(","):
     ours, *peers = [r for r in rows if r["dtype"] == dtype_name]
     for peer in peers:
-      print(f"{dtype_name}: this code / {peer['name']}: train {ours['train'] / peer['train']:.2f}x, "
-            f"infer {ours['infer'] / peer['infer']:.2f}x")
+      print(
+        f"{dtype_name}: this code / {peer['name']}: train {ours['train'] / peer['train']:.2f}x, "
+        f"infer {ours['infer'] / peer['infer']:.2f}x"
+      )
   # Peaks over the whole run (every dtype): jax's cannot be reset between rows.
   print(f"peak GPU memory: jax {peak_gib(device):.1f} GiB, torch {torch_peak_gib():.1f} GiB")
   paper = PAPER_MADDS.get(args.model)

@@ -34,9 +34,11 @@ def make_jpegs(path, count, seed=0):
       img = d[..., None] * tint + rng.normal(0, 12, size=(375, 500, 3)) + np.linspace(0, 60, 500)[None, :, None]
       buf = io.BytesIO()
       Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-      feat = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[buf.getvalue()])),
-              "image/key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(i).encode()])),
-              "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(labels[i % len(labels)])]))}
+      feat = {
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[buf.getvalue()])),
+        "image/key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(i).encode()])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(labels[i % len(labels)])])),
+      }
       w.write(tf.train.Example(features=tf.train.Features(feature=feat)).SerializeToString())
 
 
@@ -61,16 +63,20 @@ def main():
     make_jpegs(path, args.images)
     src = sources.open_source(path, num_classes=10, process_index=0, process_count=1)
     rows = []
-    for name, noise in [("train, no RandAugment", pipeline.Noise()),
-                        ("train, RandAugment N=2 M=15", pipeline.Noise(2, 15))]:
+    for name, noise in [
+      ("train, no RandAugment", pipeline.Noise()),
+      ("train, RandAugment N=2 M=15", pipeline.Noise(2, 15)),
+    ]:
       ds = pipeline.train_dataset(src, batch_size=args.batch, image_size=args.size, seed=0, noise=noise)
       rows.append((name, time_batches(ds, args.steps, args.batch)))
-    ds = pipeline.eval_dataset(src, batch_size=args.batch, num_batches=args.images // args.batch,
-                               image_size=args.size).repeat()
+    ds = pipeline.eval_dataset(
+      src, batch_size=args.batch, num_batches=args.images // args.batch, image_size=args.size
+    ).repeat()
     rows.append(("eval (center crop)", time_batches(ds, args.steps, args.batch)))
   cores = os.cpu_count()
-  print(f"\ninput pipeline at {args.size}px, batch {args.batch}, {cores} CPU cores "
-        f"(500x375 JPEGs, tf {tf.__version__})")
+  print(
+    f"\ninput pipeline at {args.size}px, batch {args.batch}, {cores} CPU cores (500x375 JPEGs, tf {tf.__version__})"
+  )
   print(f"{'pipeline':<30} {'img/s':>9} {'img/s/core':>11}")
   for name, ips in rows:
     print(f"{name:<30} {ips:>9.1f} {ips / cores:>11.1f}")

@@ -50,10 +50,10 @@ import tensorflow as tf  # noqa: E402
 
 from benchmarks.input_pipeline import make_jpegs  # noqa: E402
 from benchmarks.timing import time_alternating  # noqa: E402
-from noisy_student import checkpoint, label, pseudo_labels, sharding  # noqa: E402
+from noisy_student import checkpoint, inference, label, pseudo_labels, sharding  # noqa: E402
 from noisy_student import data as data_lib  # noqa: E402
-from noisy_student.config_defaults import base_config  # noqa: E402
-from noisy_student.models import model_from_config  # noqa: E402
+from noisy_student.config_defaults import base_config, model_arguments  # noqa: E402
+from noisy_student.models import create_model  # noqa: E402
 
 
 def _time_calls(module, name):
@@ -66,6 +66,7 @@ def _time_calls(module, name):
       return inner(*args, **kwargs)
     finally:
       total[0] += time.perf_counter() - start
+
   setattr(module, name, timed)
   return total
 
@@ -77,19 +78,34 @@ def peer_inference(python: str, batch: int, size: int, batches: int):
   """(median batch, fastest batch, sustained) img/s of PyTorch + timm's efficientnet_b0 inference over
   `batches` batches (sustained: all of them over their total time, as a job's rate), run by
   timm_throughput.py in a child process with this process's allocator and XLA settings removed."""
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("LD_PRELOAD", "XLA_FLAGS") and not k.startswith("MIMALLOC_")
-         and not k.startswith("NOISY_STUDENT_")}
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("LD_PRELOAD", "XLA_FLAGS") and not k.startswith("MIMALLOC_") and not k.startswith("NOISY_STUDENT_")
+  }
   env["GLIBC_TUNABLES"] = PEER_GLIBC_TUNABLES
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "timm_throughput.py")
-  out = subprocess.run([python, script, f"--batch={batch}", f"--resolution={size}", "--formats=channels_last",
-                        "--skip=train", f"--steps={batches}", "--warmup=2"], env=env, capture_output=True,
-                       text=True, check=False)
+  out = subprocess.run(
+    [
+      python,
+      script,
+      f"--batch={batch}",
+      f"--resolution={size}",
+      "--formats=channels_last",
+      "--skip=train",
+      f"--steps={batches}",
+      "--warmup=2",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   # timm_throughput.py prints one line "result: " + JSON of its rows (not imported here: it needs torch).
   lines = [line for line in out.stdout.splitlines() if line.startswith("result: ")]
   if out.returncode or not lines:
     raise RuntimeError(f"The peer run ({python} {script}) failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
-  row = json.loads(lines[-1][len("result: "):])["channels_last"]
+  row = json.loads(lines[-1][len("result: ") :])["channels_last"]
   return row["infer_img_s"], row["infer_max_img_s"], row["infer_sustained_img_s"]
 
 
@@ -100,8 +116,9 @@ def main():
   parser.add_argument("--images", type=int, default=512)
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--no_reexec", action="store_true")
-  parser.add_argument("--peer_python", default="", help="a Python with torch + timm: time their inference "
-                      "beside the job")
+  parser.add_argument(
+    "--peer_python", default="", help="a Python with torch + timm: time their inference beside the job"
+  )
   parser.add_argument("--rounds", type=int, default=1, help="timed jobs (each followed by the peer's run)")
   args = parser.parse_args()
   if args.rounds < 1:
@@ -114,11 +131,17 @@ def main():
     c = base_config()
     c.model.update(name=args.model, num_classes=1000, image_size=args.size)
     c.data.update(unlabeled_source=src_path, eval_crop="center")
-    c.label.update(teacher_workdir=os.path.join(tmp, "teacher"), batch=args.batch, shards_per_process=4,
-                   top_k=0, log_every_batches=10**9)
-    model = model_from_config(c.model)
+    c.label.update(
+      teacher_workdir=os.path.join(tmp, "teacher"),
+      batch=args.batch,
+      shards_per_process=4,
+      top_k=0,
+      log_every_batches=10**9,
+    )
+    model = create_model(**model_arguments(c.model))
     variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, args.size, args.size, 3)), train=False))(
-        jax.random.key(0, impl="rbg"))
+      jax.random.key(0, impl="rbg")
+    )
     checkpoint.save_inference_variables(os.path.join(tmp, "teacher", checkpoint.EXPORT_DIR), variables)
 
     label.label(c, os.path.join(tmp, "warmup"))
@@ -137,21 +160,22 @@ def main():
     mesh = sharding.create_mesh()
     source = data_lib.open_source(src_path, labeled=False, with_key=True)
     start = time.perf_counter()
-    batches = [b for b in data_lib.eval_iterator(source, global_batch=args.batch, image_size=args.size,
-                                                 mesh=mesh, with_raw=True)]
+    batches = [
+      b for b in data_lib.eval_iterator(source, global_batch=args.batch, image_size=args.size, mesh=mesh, with_raw=True)
+    ]
     t_input = time.perf_counter() - start
 
     replicated = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     per_device = args.batch // sharding.batch_devices(mesh)
-    micro = label.micro_batch_size(per_device, c.label.micro_batch, image_pixels=args.size**2)
+    micro = inference.micro_batch_size(per_device, c.label.micro_batch, image_pixels=args.size**2)
     # The job's micro-batches, and one pass per batch beside them, alternated (median of two rounds) so a
     # shared machine's drift does not favour either.
     infers = {k: label.make_infer_step(model, mesh, k) for k in sorted({micro, per_device})}
     for infer in infers.values():
       jax.block_until_ready(infer(replicated, batches[0]["image"]))
     seconds = time_alternating(
-        [lambda infer=infer: [infer(replicated, b["image"]) for b in batches] for infer in infers.values()],
-        steps=2)
+      [lambda infer=infer: [infer(replicated, b["image"]) for b in batches] for infer in infers.values()], steps=2
+    )
     t_model = dict(zip(infers, seconds))
 
     probs = pseudo_labels.soft_labels(np.random.default_rng(0).normal(size=(args.batch, 1000)))
@@ -164,29 +188,44 @@ def main():
     t_write = time.perf_counter() - start
 
   n = args.images
-  print(f"{args.model} at {args.size}, batch {args.batch}, {n} JPEGs (500x375), {jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s); allocator: {allocator.describe()}")
+  print(
+    f"{args.model} at {args.size}, batch {args.batch}, {n} JPEGs (500x375), {jax.device_count()} "
+    f"{jax.devices()[0].platform} device(s); allocator: {allocator.describe()}"
+  )
   print("| part | seconds | img/s |\n|---|---|---|")
-  models = [(f"model alone, passes of {k} images" + (" (the job's)" if k == micro else ""), t)
-            for k, t in t_model.items()]
-  for name, t in [("labeling job end to end (label.label)", job),
-                  ("its labeling loop (without the teacher load and the manifest; input decoded during the load)",
-                   loop[0]),
-                  ("input alone", t_input), *models, ("records alone", t_write)]:
+  models = [
+    (f"model alone, passes of {k} images" + (" (the job's)" if k == micro else ""), t) for k, t in t_model.items()
+  ]
+  for name, t in [
+    ("labeling job end to end (label.label)", job),
+    ("its labeling loop (without the teacher load and the manifest; input decoded during the load)", loop[0]),
+    ("input alone", t_input),
+    *models,
+    ("records alone", t_write),
+  ]:
     print(f"| {name} | {t:.2f} | {n / t:.1f} |")
   # How much of the model's own speed the whole job keeps: the machine-independent part of the result.
   print(f"job / model alone (the job's passes): {t_model[micro] / job:.2f}")
   if len(jobs) > 1 or peers:
-    print("\n| round | job img/s | its loop img/s |"
-          + (" timm inference img/s: sustained, median batch (fastest batch) | job / timm sustained, median "
-             "(fastest) |" if peers else "") + "\n|---|---|---|" + ("---|---|" if peers else ""))
+    print(
+      "\n| round | job img/s | its loop img/s |"
+      + (
+        " timm inference img/s: sustained, median batch (fastest batch) | job / timm sustained, median (fastest) |"
+        if peers
+        else ""
+      )
+      + "\n|---|---|---|"
+      + ("---|---|" if peers else "")
+    )
     for r, (t_job, t_loop) in enumerate(jobs):
       row = f"| {r} | {n / t_job:.1f} | {n / t_loop:.1f} |"
       if peers:
         median, fastest, sustained = peers[r]
         rate = n / t_job
-        row += (f" {sustained:.1f}, {median:.1f} ({fastest:.1f}) | {rate / sustained:.2f}, {rate / median:.2f} "
-                f"({rate / fastest:.2f}) |")
+        row += (
+          f" {sustained:.1f}, {median:.1f} ({fastest:.1f}) | {rate / sustained:.2f}, {rate / median:.2f} "
+          f"({rate / fastest:.2f}) |"
+        )
       print(row)
 
 

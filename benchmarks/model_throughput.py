@@ -37,12 +37,26 @@ from noisy_student import sharding  # noqa: E402
 from noisy_student.models import create_model  # noqa: E402
 
 # Multiply-adds per image at the native resolution (EfficientNet paper, Table 2).
-PAPER_MADDS = {"efficientnet-b0": 0.39e9, "efficientnet-b1": 0.70e9, "efficientnet-b2": 1.0e9,
-               "efficientnet-b3": 1.8e9, "efficientnet-b4": 4.2e9, "efficientnet-b5": 9.9e9,
-               "efficientnet-b6": 19e9, "efficientnet-b7": 37e9}
-NATIVE_RESOLUTION = {"efficientnet-b0": 224, "efficientnet-b1": 240, "efficientnet-b2": 260,
-                     "efficientnet-b3": 300, "efficientnet-b4": 380, "efficientnet-b5": 456,
-                     "efficientnet-b6": 528, "efficientnet-b7": 600}
+PAPER_MADDS = {
+  "efficientnet-b0": 0.39e9,
+  "efficientnet-b1": 0.70e9,
+  "efficientnet-b2": 1.0e9,
+  "efficientnet-b3": 1.8e9,
+  "efficientnet-b4": 4.2e9,
+  "efficientnet-b5": 9.9e9,
+  "efficientnet-b6": 19e9,
+  "efficientnet-b7": 37e9,
+}
+NATIVE_RESOLUTION = {
+  "efficientnet-b0": 224,
+  "efficientnet-b1": 240,
+  "efficientnet-b2": 260,
+  "efficientnet-b3": 300,
+  "efficientnet-b4": 380,
+  "efficientnet-b5": 456,
+  "efficientnet-b6": 528,
+  "efficientnet-b7": 600,
+}
 
 
 def build(model_name, impl, batch, resolution, num_classes, dtype=jnp.float32):
@@ -55,20 +69,27 @@ def build(model_name, impl, batch, resolution, num_classes, dtype=jnp.float32):
   mesh = sharding.create_mesh()
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  images = jax.device_put(jax.random.normal(jax.random.key(0), (batch, resolution, resolution, 3)),
-                          batch_sharding)
+  images = jax.device_put(jax.random.normal(jax.random.key(0), (batch, resolution, resolution, 3)), batch_sharding)
   labels = jax.device_put(jax.random.randint(jax.random.key(1), (batch,), 0, num_classes), batch_sharding)
   variables = jax.jit(lambda: model.init(jax.random.key(2), images[:1], train=False), out_shardings=replicated)()
   tx = optax.rmsprop(0.01, decay=0.9, eps=1e-3, momentum=0.9)
-  state = (variables["params"], variables["batch_stats"], jax.jit(tx.init, out_shardings=replicated)(variables["params"]))
+  state = (
+    variables["params"],
+    variables["batch_stats"],
+    jax.jit(tx.init, out_shardings=replicated)(variables["params"]),
+  )
 
   def train_step(state, images, labels, step):
     params, batch_stats, opt_state = state
 
     def loss_fn(params):
       logits, new_vars = model.apply(
-          {"params": params, "batch_stats": batch_stats}, images, train=True,
-          mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(jax.random.key(3), step)})
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": jax.random.fold_in(jax.random.key(3), step)},
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       return loss, new_vars["batch_stats"]
 
@@ -127,23 +148,31 @@ def main():
   parser.add_argument("--impls", default="xla,shifted", help="comma-separated conv_impl values")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median is reported)")
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--micro_batch", type=int, default=0,
-                      help="images per pass for the micro-batched inference column (0: the labeling default)")
+  parser.add_argument(
+    "--micro_batch",
+    type=int,
+    default=0,
+    help="images per pass for the micro-batched inference column (0: the labeling default)",
+  )
   parser.add_argument("--skip", default="", help="'train' or 'infer' to skip one")
-  parser.add_argument("--no_reexec", action="store_true",
-                      help="run under the allocator and XLA_FLAGS of the calling environment")
+  parser.add_argument(
+    "--no_reexec", action="store_true", help="run under the allocator and XLA_FLAGS of the calling environment"
+  )
   args = parser.parse_args()
-  from noisy_student import label  # imports TensorFlow; only this script's micro-batched column needs it
+  from noisy_student import inference, label  # imports TensorFlow; only this script's micro-batched column needs it
 
-  print(f"{args.model} batch {args.batch} at {args.resolution}px on {jax.devices()[0].platform} "
-        f"({jax.device_count()} device(s)); allocator: {ALLOCATOR}; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(
+    f"{args.model} batch {args.batch} at {args.resolution}px on {jax.devices()[0].platform} "
+    f"({jax.device_count()} device(s)); allocator: {ALLOCATOR}; "
+    f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  )
   paper = PAPER_MADDS.get(args.model)
   mesh = sharding.create_mesh()
   rows = []
   for impl in args.impls.split(","):
     model, train, infer, state, variables, images, labels = build(
-        args.model, impl, args.batch, args.resolution, args.num_classes)
+      args.model, impl, args.batch, args.resolution, args.num_classes
+    )
     row = {"impl": impl}
     # Inference first: the train step donates (deletes) the initial state.
     if args.skip != "infer":
@@ -153,40 +182,60 @@ def main():
       row["infer_gflops_per_img"] = flops(compiled) / args.batch / 1e9
       # Beside one pass over the batch: the labeling job's step, which runs it in micro-batches.
       passes = label.make_infer_step(model, mesh, args.micro_batch)
-      whole, micro = time_alternating([lambda: compiled(variables, images), lambda: passes(variables, images)],
-                                      args.steps, args.warmup)
+      whole, micro = time_alternating(
+        [lambda: compiled(variables, images), lambda: passes(variables, images)], args.steps, args.warmup
+      )
       row["infer_img_s"], row["micro_img_s"] = args.batch / whole, args.batch / micro
     if args.skip != "train":
-      one_step, row["train_compile_s"], row["train_gflops_per_img"] = compile_train(
-          train, state, images, labels)
+      one_step, row["train_compile_s"], row["train_gflops_per_img"] = compile_train(train, state, images, labels)
       row["train_img_s"] = args.batch / time_alternating([one_step], args.steps, args.warmup)[0]
     rows.append(row)
 
-  micro_header = (f"infer, passes of "
-                  f"{label.micro_batch_size(args.batch, args.micro_batch, image_pixels=args.resolution**2)}")
-  header = (f"{'impl':>8} {'train img/s':>12} {'infer img/s':>12} {micro_header:>20} {'train GFLOP/img':>16} "
-            f"{'infer GFLOP/img':>16}")
+  micro_header = (
+    f"infer, passes of {inference.micro_batch_size(args.batch, args.micro_batch, image_pixels=args.resolution**2)}"
+  )
+  header = (
+    f"{'impl':>8} {'train img/s':>12} {'infer img/s':>12} {micro_header:>20} {'train GFLOP/img':>16} "
+    f"{'infer GFLOP/img':>16}"
+  )
   print(header)
   for r in rows:
-    print(f"{r['impl']:>8} {r.get('train_img_s', float('nan')):12.1f} "
-          f"{r.get('infer_img_s', float('nan')):12.1f} {r.get('micro_img_s', float('nan')):20.1f} "
-          f"{r.get('train_gflops_per_img', float('nan')):16.2f} "
-          f"{r.get('infer_gflops_per_img', float('nan')):16.2f}")
-  print("compile seconds: " + ", ".join(
+    print(
+      f"{r['impl']:>8} {r.get('train_img_s', float('nan')):12.1f} "
+      f"{r.get('infer_img_s', float('nan')):12.1f} {r.get('micro_img_s', float('nan')):20.1f} "
+      f"{r.get('train_gflops_per_img', float('nan')):16.2f} "
+      f"{r.get('infer_gflops_per_img', float('nan')):16.2f}"
+    )
+  print(
+    "compile seconds: "
+    + ", ".join(
       f"{r['impl']} train {r.get('train_compile_s', float('nan')):.0f} / "
-      f"infer {r.get('infer_compile_s', float('nan')):.0f}" for r in rows))
+      f"infer {r.get('infer_compile_s', float('nan')):.0f}"
+      for r in rows
+    )
+  )
   if paper:
-    print(f"paper: {paper / 1e9:.2f} G multiply-adds per image = {2 * paper / 1e9:.2f} GFLOP "
-          f"(forward, at the native resolution)")
+    print(
+      f"paper: {paper / 1e9:.2f} G multiply-adds per image = {2 * paper / 1e9:.2f} GFLOP "
+      f"(forward, at the native resolution)"
+    )
     if args.resolution == NATIVE_RESOLUTION[args.model]:
       ceiling = matmul_ceiling_gflops()
-      print(f"ceiling: a float32 2048^3 matmul runs at {ceiling:.0f} GFLOP/s here, i.e. at most "
-            f"{ceiling / (6 * paper / 1e9):.0f} train / {ceiling / (2 * paper / 1e9):.0f} infer img/s "
-            f"at the paper's FLOPs (train = 3 forward passes); achieved share of it:")
+      print(
+        f"ceiling: a float32 2048^3 matmul runs at {ceiling:.0f} GFLOP/s here, i.e. at most "
+        f"{ceiling / (6 * paper / 1e9):.0f} train / {ceiling / (2 * paper / 1e9):.0f} infer img/s "
+        f"at the paper's FLOPs (train = 3 forward passes); achieved share of it:"
+      )
       for r in rows:
-        shares = [f"{name} {r[key] * factor * paper / 1e9 / ceiling:.2f}"
-                  for name, key, factor in (("train", "train_img_s", 6), ("infer", "infer_img_s", 2),
-                                            ("passes", "micro_img_s", 2)) if key in r]
+        shares = [
+          f"{name} {r[key] * factor * paper / 1e9 / ceiling:.2f}"
+          for name, key, factor in (
+            ("train", "train_img_s", 6),
+            ("infer", "infer_img_s", 2),
+            ("passes", "micro_img_s", 2),
+          )
+          if key in r
+        ]
         print(f"{r['impl']:>8} " + ", ".join(shares))
 
 

@@ -23,8 +23,7 @@ from noisy_student.cpu import allocator  # noqa: E402
 from noisy_student.cpu import devices as host_devices  # noqa: E402
 
 # The functions models/efficientnet.py calls through `ops.`; a file must define them all.
-SWAPPED = ("conv2d", "depthwise_conv2d", "batch_norm_train", "batch_norm_inference", "swish",
-           "global_avg_pool")
+SWAPPED = ("conv2d", "depthwise_conv2d", "batch_norm_train", "batch_norm_inference", "swish", "global_avg_pool")
 
 
 def parse_args(argv):
@@ -55,6 +54,7 @@ def load_ops(path):
 def main(argv):
   args = parse_args(argv)
   import jax  # noqa: E402  (after the allocator and device count are set)
+
   from benchmarks import model_throughput
   from benchmarks.timing import time_alternating
   from noisy_student.models import ops
@@ -70,13 +70,15 @@ def main(argv):
       setattr(ops, name, getattr(module, name))
     try:
       model, train, infer, state, variables, images, labels = model_throughput.build(
-          args.model, "shifted", args.batch, args.resolution, 1000)
+        args.model, "shifted", args.batch, args.resolution, 1000
+      )
       start = time.perf_counter()
       if args.mode == "train":
         step, _, _ = model_throughput.compile_train(train, state, images, labels)
       else:
         if args.mode == "label":
           from noisy_student import label, sharding
+
           infer = label.make_infer_step(model, sharding.create_mesh())
         compiled = infer.lower(variables, images).compile()
         step = lambda compiled=compiled: compiled(variables, images)  # noqa: E731
@@ -85,8 +87,10 @@ def main(argv):
       for name in SWAPPED:
         setattr(ops, name, checked_out[name])
     steps.append(step)
-  print(f"{args.model} {args.mode}, batch {args.batch} at {args.resolution}px, {jax.device_count()} device(s); "
-        f"allocator: {allocator.describe()}")
+  print(
+    f"{args.model} {args.mode}, batch {args.batch} at {args.resolution}px, {jax.device_count()} device(s); "
+    f"allocator: {allocator.describe()}"
+  )
   for repeat in range(2):
     seconds = time_alternating(steps, args.steps, warmup=2)
     print(f"run {repeat + 1}: " + "  ".join(f"{args.batch / s:.1f}" for s in seconds) + " img/s, in file order")

@@ -34,8 +34,7 @@ import torch.nn.functional as F
 def describe_allocator():
   preload = os.environ.get("LD_PRELOAD", "")
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  name = ("tcmalloc" if "tcmalloc" in preload else
-          "glibc, tuned" if "mmap_threshold" in tunables else "glibc, default")
+  name = "tcmalloc" if "tcmalloc" in preload else "glibc, tuned" if "mmap_threshold" in tunables else "glibc, default"
   return f"{name} (LD_PRELOAD={preload!r}, GLIBC_TUNABLES={tunables!r})"
 
 
@@ -53,12 +52,23 @@ def step_seconds(fn, steps, warmup):
   return statistics.median(times), min(times), sum(times)
 
 
-def timm_steps(model_name, batch, resolution, num_classes, drop_rate, drop_path_rate, memory_format,
-               device="cpu", autocast_dtype=None, compile_model=False):
+def timm_steps(
+  model_name,
+  batch,
+  resolution,
+  num_classes,
+  drop_rate,
+  drop_path_rate,
+  memory_format,
+  device="cpu",
+  autocast_dtype=None,
+  compile_model=False,
+):
   """(model, infer, train_step) on a fixed random batch; also used by gpu_throughput.py on a GPU."""
   torch.manual_seed(0)
-  model = timm.create_model(model_name, pretrained=False, num_classes=num_classes,
-                            drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+  model = timm.create_model(
+    model_name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate
+  )
   images = torch.randn(batch, 3, resolution, resolution)
   labels = torch.randint(0, num_classes, (batch,))
   model = model.to(device=device, memory_format=memory_format)
@@ -105,8 +115,15 @@ def add_run_arguments(parser, batch):
 
 def measure(args, memory_format):
   model, infer, train_step = timm_steps(
-      args.model, args.batch, args.resolution, args.num_classes, args.drop_rate, args.drop_path_rate,
-      memory_format, autocast_dtype=torch.bfloat16 if args.bf16 else None)
+    args.model,
+    args.batch,
+    args.resolution,
+    args.num_classes,
+    args.drop_rate,
+    args.drop_path_rate,
+    memory_format,
+    autocast_dtype=torch.bfloat16 if args.bf16 else None,
+  )
 
   row = {}
   # Inference first, as in model_throughput.py.
@@ -126,8 +143,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", default="efficientnet_b0")
   add_run_arguments(parser, batch=32)
-  parser.add_argument("--formats", default="channels_last,contiguous",
-                      help="comma-separated memory formats: channels_last, contiguous")
+  parser.add_argument(
+    "--formats", default="channels_last,contiguous", help="comma-separated memory formats: channels_last, contiguous"
+  )
   parser.add_argument("--bf16", action="store_true", help="torch.autocast('cpu', dtype=bfloat16)")
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--steps", type=int, default=8, help="timed steps (median is reported)")
@@ -138,18 +156,22 @@ def main():
   torch.set_num_threads(args.threads)
   formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
   precision = "bf16 autocast" if args.bf16 else "fp32"
-  print(f"{args.model} batch {args.batch} at {args.resolution}px, {precision}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
-        f"{torch.backends.cpu.get_cpu_capability()}), timm {timm.__version__}; "
-        f"allocator: {describe_allocator()}")
+  print(
+    f"{args.model} batch {args.batch} at {args.resolution}px, {precision}, "
+    f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
+    f"{torch.backends.cpu.get_cpu_capability()}), timm {timm.__version__}; "
+    f"allocator: {describe_allocator()}"
+  )
   rows = {name: measure(args, formats[name]) for name in args.formats.split(",")}
 
   # Median step, and the fastest step in brackets: a wide gap means the host was busy.
   print(f"{'format':>14} {'train img/s (fastest)':>24} {'infer img/s (fastest)':>24}")
   nan = float("nan")
   for name, r in rows.items():
-    print(f"{name:>14} {r.get('train_img_s', nan):14.1f} ({r.get('train_max_img_s', nan):6.1f}) "
-          f"{r.get('infer_img_s', nan):14.1f} ({r.get('infer_max_img_s', nan):6.1f})")
+    print(
+      f"{name:>14} {r.get('train_img_s', nan):14.1f} ({r.get('train_max_img_s', nan):6.1f}) "
+      f"{r.get('infer_img_s', nan):14.1f} ({r.get('infer_max_img_s', nan):6.1f})"
+    )
   for key, label in (("train_img_s", "train"), ("infer_img_s", "infer")):
     measured = {name: r[key] for name, r in rows.items() if key in r}
     if measured:

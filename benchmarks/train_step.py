@@ -27,7 +27,6 @@ import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from noisy_student import data as data_lib  # noqa: E402
@@ -52,19 +51,32 @@ def flops_per_step(compiled) -> float:
 
 def measure(config, steps: int, warmup: int):
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
-  labeled = data_lib.open_source(config.data.labeled, data_dir=config.data.data_dir or None,
-                                 num_classes=config.model.num_classes)
-  model = trainer.build_model(config, config.model.num_classes)
+  labeled = data_lib.open_source(
+    config.data.labeled, data_dir=config.data.data_dir or None, num_classes=config.model.num_classes
+  )
+  model = trainer.build_model(config)
   schedule, tx = trainer.build_optimizer(config, steps_per_epoch=100, total_steps=10_000)
   state = train.create_train_state(model, tx, jax.random.key(0), config.model.image_size, mesh=mesh)
-  step_fn = train.make_train_step(model, tx, mesh, label_smoothing=config.optimizer.label_smoothing,
-                                  ema_decay=config.optimizer.ema_decay, schedule=schedule,
-                                  normalization=config.data.normalization)
+  step_fn = train.make_train_step(
+    model,
+    tx,
+    mesh,
+    label_smoothing=config.optimizer.label_smoothing,
+    ema_decay=config.optimizer.ema_decay,
+    schedule=schedule,
+    normalization=config.data.normalization,
+  )
   batches = data_lib.train_iterator(
-      labeled, labeled_batch=config.data.labeled_batch, image_size=config.model.image_size, seed=0,
-      mesh=mesh, num_classes=config.model.num_classes, crop=config.data.crop,
-      flip=config.data.flip,
-      noise=data_lib.Noise(config.data.randaugment_layers, config.data.randaugment_magnitude))
+    labeled,
+    labeled_batch=config.data.labeled_batch,
+    image_size=config.model.image_size,
+    seed=0,
+    mesh=mesh,
+    num_classes=config.model.num_classes,
+    crop=config.data.crop,
+    flip=config.data.flip,
+    noise=data_lib.Noise(config.data.randaugment_layers, config.data.randaugment_magnitude),
+  )
   batch = next(batches)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
@@ -77,18 +89,24 @@ def measure(config, steps: int, warmup: int):
     state, metrics = compiled(state, next(batches))
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - start) / steps
-  return dict(batch=config.data.labeled_batch, step_s=seconds,
-              img_s=config.data.labeled_batch / seconds, gflop_per_step=flops_per_step(compiled) / 1e9,
-              compile_s=compile_s)
+  return dict(
+    batch=config.data.labeled_batch,
+    step_s=seconds,
+    img_s=config.data.labeled_batch / seconds,
+    gflop_per_step=flops_per_step(compiled) / 1e9,
+    compile_s=compile_s,
+  )
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", action="append",
-                      help="config spec(s); default: digits and imagenet b0 (mock data)")
-  parser.add_argument("--batch", type=int, default=0,
-                      help="override data.labeled_batch (default: the config's for digits, 32 otherwise; "
-                           "the paper's 2048 needs a pod)")
+  parser.add_argument("--config", action="append", help="config spec(s); default: digits and imagenet b0 (mock data)")
+  parser.add_argument(
+    "--batch",
+    type=int,
+    default=0,
+    help="override data.labeled_batch (default: the config's for digits, 32 otherwise; the paper's 2048 needs a pod)",
+  )
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--mock_examples", type=int, default=256)
@@ -108,8 +126,10 @@ def main():
       config.data.labeled_batch = args.batch
     with mock:
       r = measure(config, args.steps, args.warmup)
-    print(f"{spec:36} {r['batch']:6d} {r['img_s']:8.1f} {r['step_s']:8.3f} {r['gflop_per_step']:11.1f} "
-          f"{r['compile_s']:10.0f}")
+    print(
+      f"{spec:36} {r['batch']:6d} {r['img_s']:8.1f} {r['step_s']:8.3f} {r['gflop_per_step']:11.1f} "
+      f"{r['compile_s']:10.0f}"
+    )
 
 
 if __name__ == "__main__":

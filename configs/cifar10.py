@@ -16,9 +16,17 @@ from noisy_student.config_defaults import base_config
 def get_config(arg=None):
   c = base_config()
   c.model.update(name="efficientnet-b0", num_classes=10, image_size=32, small_image=True, bn_momentum=0.99)
-  c.data.update(labeled="tfds:cifar10:train[:4000]", unlabeled_source="tfds:cifar10:train[4000:]",
-                eval="tfds:cifar10:test", labeled_batch=128, eval_batch=1000, crop="pad_crop",
-                eval_crop="resize", ratio=0, global_order=True)  # small: same batches on any host count
+  c.data.update(
+    labeled="tfds:cifar10:train[:4000]",
+    unlabeled_source="tfds:cifar10:train[4000:]",
+    eval="tfds:cifar10:test",
+    labeled_batch=128,
+    eval_batch=1000,
+    crop="pad_crop",
+    eval_crop="resize",
+    ratio=0,
+    global_order=True,
+  )  # small: same batches on any host count
   c.optimizer.update(warmup_epochs=5.0)
   c.num_epochs = 300.0
   c.iterate.ratio = 5  # the students of mode=iterate, as the `student` variant

@@ -24,14 +24,23 @@ def get_config(arg=None):
   del arg  # no variants
   c = base_config()
   c.mode = "iterate"
-  c.model.update(name="efficientnet-tiny", num_classes=10, dropout_rate=0.2, survival_prob=0.8,
-                 bn_momentum=0.9, image_size=16)
-  c.data.update(labeled="tfds:digits:train[:50]", unlabeled_source="tfds:digits:train[50:]",
-                eval="tfds:digits:test", labeled_batch=32, eval_batch=256, randaugment_layers=2,
-                randaugment_magnitude=5.0, crop="resize", eval_crop="resize", flip=False,
-                global_order=True)
-  c.optimizer.update(name="adamw", base_lr=0.3, weight_decay=1e-4, warmup_epochs=1.0, schedule="cosine",
-                     ema_decay=0.99)
+  c.model.update(
+    name="efficientnet-tiny", num_classes=10, dropout_rate=0.2, survival_prob=0.8, bn_momentum=0.9, image_size=16
+  )
+  c.data.update(
+    labeled="tfds:digits:train[:50]",
+    unlabeled_source="tfds:digits:train[50:]",
+    eval="tfds:digits:test",
+    labeled_batch=32,
+    eval_batch=256,
+    randaugment_layers=2,
+    randaugment_magnitude=5.0,
+    crop="resize",
+    eval_crop="resize",
+    flip=False,
+    global_order=True,
+  )
+  c.optimizer.update(name="adamw", base_lr=0.3, weight_decay=1e-4, warmup_epochs=1.0, schedule="cosine", ema_decay=0.99)
   c.num_train_steps = 300
   c.num_epochs = 0.0  # used when num_train_steps <= 0
   c.log_every_steps = 50

@@ -18,9 +18,18 @@ from noisy_student.config_defaults import base_config
 def get_config(arg=None):
   c = base_config()
   c.model.update(name="efficientnet-b0", num_classes=10, image_size=32, small_image=True)
-  c.data.update(labeled="tfds:svhn_cropped:train", unlabeled_source="tfds:svhn_cropped:extra",
-                eval="tfds:svhn_cropped:test", labeled_batch=128, eval_batch=1000, crop="pad_crop",
-                eval_crop="resize", flip=False, ratio=0, normalization="svhn")
+  c.data.update(
+    labeled="tfds:svhn_cropped:train",
+    unlabeled_source="tfds:svhn_cropped:extra",
+    eval="tfds:svhn_cropped:test",
+    labeled_batch=128,
+    eval_batch=1000,
+    crop="pad_crop",
+    eval_crop="resize",
+    flip=False,
+    ratio=0,
+    normalization="svhn",
+  )
   c.num_epochs = 100.0
   c.iterate.ratio = 5  # the students of mode=iterate, as the official svhn_offline.sh
   if arg == "student":  # the official local_scripts/svhn/svhn_offline.sh

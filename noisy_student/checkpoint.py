@@ -26,20 +26,18 @@ def _path(directory: str) -> epath.Path:
   return epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
 
 
-def create_manager(directory: str, *, max_to_keep: Optional[int] = 3,
-                   save_interval_steps: int = 1) -> ocp.CheckpointManager:
+def create_manager(
+  directory: str, *, max_to_keep: Optional[int] = 3, save_interval_steps: int = 1
+) -> ocp.CheckpointManager:
   """A manager keeping the newest `max_to_keep` steps under `directory` (local path or gs://)."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-                                         create=True)
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True)
   # Naming the handler lets a fresh manager (a restarted job) read item metadata before any save.
-  return ocp.CheckpointManager(_path(directory), options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+  return ocp.CheckpointManager(_path(directory), options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(manager: ocp.CheckpointManager, state: Any, step: int, *, force: bool = False) -> bool:
   """Starts an (async) save of `state` at `step`; returns whether the manager saved it."""
-  return manager.save(int(step), args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
-                      force=force)
+  return manager.save(int(step), args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)), force=force)
 
 
 def _flat_shapes(tree: Any) -> Dict[str, Tuple[int, ...]]:
@@ -61,8 +59,9 @@ def check_compatible(saved: Any, expected: Any, where: str = "the checkpoint") -
   if problems:
     more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
     raise CheckpointMismatchError(
-        f"{where[0].upper()}{where[1:]} does not match the model (a different model, class count, "
-        f"optimizer or config.optimizer.frozen?): " + "; ".join(problems[:5]) + more)
+      f"{where[0].upper()}{where[1:]} does not match the model (a different model, class count, "
+      f"optimizer or config.optimizer.frozen?): " + "; ".join(problems[:5]) + more
+    )
 
 
 def restore_latest(manager: ocp.CheckpointManager, template: Any) -> Optional[Any]:
@@ -76,8 +75,7 @@ def restore_latest(manager: ocp.CheckpointManager, template: Any) -> Optional[An
     return None
   target = flax.serialization.to_state_dict(template)
   metadata = manager.item_metadata(step)
-  check_compatible(_metadata_tree(metadata), target,
-                   where=f"the checkpoint at step {step} in {manager.directory}")
+  check_compatible(_metadata_tree(metadata), target, where=f"the checkpoint at step {step} in {manager.directory}")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   return flax.serialization.from_state_dict(template, restored)
@@ -118,16 +116,18 @@ def load_inference_variables(directory: str, template: Any) -> Any:
   `model.init`); a missing export or another model / class count is an error naming the folder."""
   path = _path(directory)
   if not (path.exists() and (path / "_CHECKPOINT_METADATA").exists()):
-    raise FileNotFoundError(f"No exported teacher variables in {path} (a finished training run writes them "
-                            "to WORKDIR/export).")
+    raise FileNotFoundError(
+      f"No exported teacher variables in {path} (a finished training run writes them to WORKDIR/export)."
+    )
   target = flax.serialization.to_state_dict(template)
   # Read as host numpy arrays, then placed: orbax's per-array sharded restore took twice as long here
   # (efficientnet-b0's 311 arrays: 0.5 s against 0.25 s), a fixed cost of every labeling job.
   restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), target)
   with ocp.PyTreeCheckpointer() as ckptr:
     metadata = ckptr.metadata(path)
-    check_compatible(_metadata_tree(getattr(metadata, "item_metadata", metadata)), target,
-                     where=f"the exported variables in {path}")
+    check_compatible(
+      _metadata_tree(getattr(metadata, "item_metadata", metadata)), target, where=f"the exported variables in {path}"
+    )
     arrays = ckptr.restore(path, restore_args=restore_args)
   return jax.tree.map(_place, arrays, target)
 

@@ -27,8 +27,7 @@ Forward = Callable[[Any, jax.Array], jax.Array]
 CPU_PIXELS_PER_PASS = 8 * 224 * 224  # per forward pass on XLA:CPU: b0's activations then stay in cache
 
 
-def micro_batch_size(per_device: int, micro_batch: int = 0, backend: str = "",
-                     image_pixels: int = 224 * 224) -> int:
+def micro_batch_size(per_device: int, micro_batch: int = 0, backend: str = "", image_pixels: int = 224 * 224) -> int:
   """Images per forward pass within one device's share of a batch: the largest divisor of `per_device`
   that is at most `micro_batch`. 0 means automatic: on CPU as many images as make CPU_PIXELS_PER_PASS
   (8 at 224 px, where it was measured; every image of a 16 px batch), elsewhere the whole share."""
@@ -38,16 +37,9 @@ def micro_batch_size(per_device: int, micro_batch: int = 0, backend: str = "",
   return max(d for d in range(1, min(micro_batch, per_device) + 1) if per_device % d == 0)
 
 
-def standardize_input(images: jax.Array, normalization: str = "imagenet") -> jax.Array:
-  """uint8 pixels -> standardized float32. Float images are taken as standardized already (tests and
-  benchmarks feed random floats), as the train step takes them."""
-  if images.dtype == jnp.uint8:
-    return normalization_lib.normalize_pixels(images, normalization)
-  return images
-
-
-def make_forward(model, normalization: str = "imagenet", *, mesh: Optional[Mesh] = None,
-                 micro_batch: Optional[int] = None) -> Forward:
+def make_forward(
+  model, normalization: str = "imagenet", *, mesh: Optional[Mesh] = None, micro_batch: Optional[int] = None
+) -> Forward:
   """(variables, images) -> float32 eval-mode logits, to be called inside the caller's jit.
 
   micro_batch None: one pass over the whole batch, with the variables sharded as they come (replicated, or
@@ -59,7 +51,7 @@ def make_forward(model, normalization: str = "imagenet", *, mesh: Optional[Mesh]
   normalization_lib.check_normalization(normalization)  # an unknown name fails here, not in a trace
 
   def forward(variables, images):
-    images = standardize_input(images, normalization)
+    images = normalization_lib.model_input(images, normalization)
     return model.apply(variables, images, train=False).astype(jnp.float32)
 
   if micro_batch is None:

@@ -22,12 +22,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from flax import traverse_util
-
-from noisy_student import checkpoint, evaluate as evaluate_lib, label as label_lib, outputs, sharding, trainer
-from noisy_student import data as data_lib
+from noisy_student import checkpoint, outputs, sharding, trainer
+from noisy_student import label as label_lib
 from noisy_student.config_defaults import base_config
 from noisy_student.models import convert
 
@@ -48,8 +47,7 @@ class Stage:
 def _per_iteration(value: str, n: int, what: str) -> List[str]:
   items = [v.strip() for v in value.split(",")] if value else []
   if len(items) not in (0, n):
-    raise ValueError(f"config.iterate.{what} has {len(items)} entries, expected one per iteration "
-                     f"({n}) or none.")
+    raise ValueError(f"config.iterate.{what} has {len(items)} entries, expected one per iteration ({n}) or none.")
   return items or [""] * n
 
 
@@ -57,9 +55,11 @@ def plan(config: ml_collections.ConfigDict) -> List[Stage]:
   """Every stage of the loop with its own config (derived from `config`; nothing else is read)."""
   it = config.iterate
   if config.init_from or config.optimizer.frozen:
-    raise ValueError("config.init_from / config.optimizer.frozen are for fine-tuning one model "
-                     "(mode=train); the loop trains every stage from scratch (its first teacher may start from "
-                     "an official checkpoint: config.iterate.teacher_checkpoint).")
+    raise ValueError(
+      "config.init_from / config.optimizer.frozen are for fine-tuning one model "
+      "(mode=train); the loop trains every stage from scratch (its first teacher may start from "
+      "an official checkpoint: config.iterate.teacher_checkpoint)."
+    )
   models = _per_iteration(it.student_models, it.num_iterations, "student_models")
   sizes = _per_iteration(it.student_image_sizes, it.num_iterations, "student_image_sizes")
   teacher = _copy(config)
@@ -114,9 +114,17 @@ class StageConfigMismatchError(ValueError):
 # Keys that change how a run reports, not what it computes: a rerun may change them.
 # Paths derived from the workdir may differ (a relative --workdir, a copied workdir), and num_iterations may
 # grow to extend a finished loop. evaluate.* (which robustness suites are reported) may change too.
-_RERUN_MAY_CHANGE = {"log_every_steps", "eval_every_steps", "keep_checkpoints", "label.log_every_batches",
-                     "label.log_every_secs", "label.teacher_workdir", "label.read_ahead_batches",
-                     "data.unlabeled", "iterate.num_iterations"}
+_RERUN_MAY_CHANGE = {
+  "log_every_steps",
+  "eval_every_steps",
+  "keep_checkpoints",
+  "label.log_every_batches",
+  "label.log_every_secs",
+  "label.teacher_workdir",
+  "label.read_ahead_batches",
+  "data.unlabeled",
+  "iterate.num_iterations",
+}
 
 
 def _check_same_config(folder: epath.Path, config: ml_collections.ConfigDict) -> None:
@@ -129,13 +137,16 @@ def _check_same_config(folder: epath.Path, config: ml_collections.ConfigDict) ->
   now = traverse_util.flatten_dict(json.loads(config.to_json()), sep=".")
   # A key the saved config lacks (added to the code since) had its default value then.
   defaults = traverse_util.flatten_dict(json.loads(base_config().to_json()), sep=".")
-  changed = sorted(k for k in set(before) | set(now)
-                   if before.get(k, defaults.get(k)) != now.get(k) and k not in _RERUN_MAY_CHANGE
-                   and not k.startswith("evaluate."))
+  changed = sorted(
+    k
+    for k in set(before) | set(now)
+    if before.get(k, defaults.get(k)) != now.get(k) and k not in _RERUN_MAY_CHANGE and not k.startswith("evaluate.")
+  )
   if changed:
     details = "; ".join(f"{k}: {before.get(k, defaults.get(k))!r} -> {now.get(k)!r}" for k in changed[:5])
-    raise StageConfigMismatchError(f"{folder} was run with another config ({details}). Resume with the same "
-                                   "config, or use a new workdir.")
+    raise StageConfigMismatchError(
+      f"{folder} was run with another config ({details}). Resume with the same config, or use a new workdir."
+    )
 
 
 def _run_stage(stage: Stage, config, folder: epath.Path) -> Optional[Dict[str, Any]]:
@@ -152,13 +163,8 @@ def _teacher_from_checkpoint(config, folder: epath.Path) -> Dict[str, Any]:
   """An official TF checkpoint as the first teacher: converted, exported and evaluated."""
   variables = convert.load_tf_checkpoint(config.iterate.teacher_checkpoint, config.model.name)
   checkpoint.save_inference_variables(str(folder / checkpoint.EXPORT_DIR), variables)
-  model = trainer.build_model(config, config.model.num_classes)
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
-  source = data_lib.open_source(config.data.eval, data_dir=config.data.data_dir or None,
-                                num_classes=config.model.num_classes)
-  step = evaluate_lib.make_eval_step(model, mesh, normalization=config.data.normalization)
-  result = trainer.evaluate(step, variables, source, config, mesh)
-  return dict(result, **trainer.robustness(model, variables, config, mesh))
+  return trainer.evaluate_variables(config, trainer.build_model(config), variables, mesh)
 
 
 def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -189,14 +195,29 @@ def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       if jax.process_index() == 0:
         outputs.write_json(done, result)
       multihost_utils.sync_global_devices(f"iterate: {stage.name} DONE")
-    rows.append({"name": stage.name, "kind": stage.kind, "iteration": stage.iteration,
-                 "model": stage_config.model.name, "result": result})
+    rows.append(
+      {
+        "name": stage.name,
+        "kind": stage.kind,
+        "iteration": stage.iteration,
+        "model": stage_config.model.name,
+        "result": result,
+      }
+    )
     previous = stage
-  summary = {"stages": [{"name": r["name"], "model": r["model"], "iteration": r["iteration"],
-                         "eval": {k: r["result"][k] for k in ("top1", "top5", "robustness")
-                                  if k in r["result"]}}
-                        for r in rows if r["kind"] != "labels"],
-             "labels": [{"name": r["name"], **r["result"]} for r in rows if r["kind"] == "labels"]}
+  summary = {
+    "stages": [
+      {
+        "name": r["name"],
+        "model": r["model"],
+        "iteration": r["iteration"],
+        "eval": {k: r["result"][k] for k in ("top1", "top5", "robustness") if k in r["result"]},
+      }
+      for r in rows
+      if r["kind"] != "labels"
+    ],
+    "labels": [{"name": r["name"], **r["result"]} for r in rows if r["kind"] == "labels"],
+  }
   if jax.process_index() == 0:
     outputs.write_json(workdir / SUMMARY_FILE, summary)
     plot_accuracy(summary, workdir / PLOT_FILE)
@@ -205,8 +226,10 @@ def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 
 
 def _plain(result: Dict[str, Any]) -> Dict[str, Any]:
-  return {k: (float(v) if isinstance(v, (np.floating, np.integer, float, int)) and not isinstance(v, bool)
-              else v) for k, v in result.items()}
+  return {
+    k: (float(v) if isinstance(v, (np.floating, np.integer, float, int)) and not isinstance(v, bool) else v)
+    for k, v in result.items()
+  }
 
 
 def _robustness_columns(evaluation: Dict[str, Any]) -> Dict[str, float]:
@@ -226,9 +249,11 @@ def format_table(summary: Dict[str, Any]) -> str:
   lines = [f"{'stage':<12} {'model':<22} {'top-1':>7} {'top-5':>7}" + "".join(f" {k:>20}" for k in extra)]
   for s in summary["stages"]:
     columns = _robustness_columns(s["eval"])
-    lines.append(f"{s['name']:<12} {s['model']:<22} {100 * s['eval']['top1']:>7.2f} "
-                 f"{100 * s['eval']['top5']:>7.2f}"
-                 + "".join(f" {columns[k]:>20.2f}" if k in columns else f" {'-':>20}" for k in extra))
+    lines.append(
+      f"{s['name']:<12} {s['model']:<22} {100 * s['eval']['top1']:>7.2f} "
+      f"{100 * s['eval']['top5']:>7.2f}"
+      + "".join(f" {columns[k]:>20.2f}" if k in columns else f" {'-':>20}" for k in extra)
+    )
   return "\n".join(lines)
 
 
@@ -239,9 +264,16 @@ def plot_accuracy(summary: Dict[str, Any], path) -> None:
   fig, ax = outputs.new_figure(figsize=(5, 3.5))
   ax.plot(its, top1, marker="o")
   for x, y, s in zip(its, top1, summary["stages"]):
-    ax.annotate(s["model"].replace("efficientnet-", ""), (x, y), textcoords="offset points", xytext=(0, 6),
-                ha="center", fontsize=8)
-  ax.set(xlabel="iteration (0 = teacher)", ylabel="eval top-1 (%)", xticks=its,
-         title="Noisy Student: accuracy per iteration")
+    ax.annotate(
+      s["model"].replace("efficientnet-", ""),
+      (x, y),
+      textcoords="offset points",
+      xytext=(0, 6),
+      ha="center",
+      fontsize=8,
+    )
+  ax.set(
+    xlabel="iteration (0 = teacher)", ylabel="eval top-1 (%)", xticks=its, title="Noisy Student: accuracy per iteration"
+  )
   ax.grid(alpha=0.3)
   outputs.save_figure(fig, path)

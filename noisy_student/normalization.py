@@ -13,9 +13,11 @@ STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 # Per-dataset input statistics of the official code (its task_info.get_mean_std), in 0..255 units: the
 # released SVHN teacher expects SVHN's own. config.data.normalization names one.
 NORMALIZATIONS = {
-    "imagenet": (MEAN_RGB, STDDEV_RGB),
-    "svhn": ((0.4376821 * 255, 0.4437697 * 255, 0.47280442 * 255),
-             (0.19803012 * 255, 0.20101562 * 255, 0.19703614 * 255)),
+  "imagenet": (MEAN_RGB, STDDEV_RGB),
+  "svhn": (
+    (0.4376821 * 255, 0.4437697 * 255, 0.47280442 * 255),
+    (0.19803012 * 255, 0.20101562 * 255, 0.19703614 * 255),
+  ),
 }
 
 
@@ -36,3 +38,11 @@ def standardize(pixels, normalization: str = "imagenet"):
 def normalize_pixels(images, normalization: str = "imagenet"):
   """uint8 numpy or jax pixels -> standardized float32 (inside a jitted step it fuses into the stem)."""
   return standardize(images.astype(np.float32), normalization)
+
+
+def model_input(images, normalization: str = "imagenet"):
+  """What a step feeds the model: uint8 pixels standardized; float images are taken as standardized
+  already (tests and benchmarks feed random floats)."""
+  if images.dtype == np.uint8:
+    return normalize_pixels(images, normalization)
+  return images

@@ -35,14 +35,17 @@ def read_json(path) -> Any:
 def new_figure(**kwargs):
   """(figure, axes) from matplotlib's headless backend (imported only when a plot is made)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt.subplots(**kwargs)
 
 
 def save_figure(fig, path) -> None:
   """Writes `fig` as a PNG through a temporary name and closes it."""
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig.tight_layout()
   tmp = str(path) + ".tmp"
   with tf.io.gfile.GFile(tmp, "wb") as f:

@@ -3,7 +3,7 @@
 Records (one tf.train.Example each, schema in docs/design.md): `image/encoded`, `image/key`, `label`
 (the teacher's argmax), `confidence` (its probability) and the soft label, as `probabilities` (the whole
 distribution) or `topk/indices` + `topk/probabilities` (renormalized; for many classes). Hard-label runs
-write `label` alone.
+write `label` and `confidence` without a distribution.
 
 Statistics. Every shard has a JSON sidecar with per-class counts and per-class confidence histograms;
 `stats.json` (the finished manifest) is their sum plus the list of shard files. Confidence bins are
@@ -44,16 +44,15 @@ def soft_labels(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
   return (p / p.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def make_example(encoded: bytes, key: bytes, probabilities: np.ndarray, *, top_k: int = 0,
-                 hard: bool = False) -> bytes:
+def make_example(encoded: bytes, key: bytes, probabilities: np.ndarray, *, top_k: int = 0, hard: bool = False) -> bytes:
   """One serialized record. `top_k` > 0 stores the k largest probabilities renormalized; `hard` only `label`."""
   p = np.asarray(probabilities, np.float32)
   label = int(np.argmax(p))
   feature = {
-      "image/encoded": _bytes(encoded),
-      "image/key": _bytes(key),
-      "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-      "confidence": _floats([p[label]]),
+    "image/encoded": _bytes(encoded),
+    "image/key": _bytes(key),
+    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+    "confidence": _floats([p[label]]),
   }
   if not hard:
     if top_k and top_k < p.shape[-1]:
@@ -98,18 +97,29 @@ def _tf_confidence_bins(confidence: tf.Tensor, num_bins: int) -> tf.Tensor:
 
 
 def empty_stats(num_classes: int, num_bins: int = DEFAULT_NUM_BINS) -> Dict[str, Any]:
-  return {"num_classes": num_classes, "num_bins": num_bins, "num_examples": 0,
-          "class_counts": [0] * num_classes, "histogram": [[0] * num_bins for _ in range(num_classes)]}
+  return {
+    "num_classes": num_classes,
+    "num_bins": num_bins,
+    "num_examples": 0,
+    "class_counts": [0] * num_classes,
+    "histogram": [[0] * num_bins for _ in range(num_classes)],
+  }
 
 
-def shard_stats(labels: np.ndarray, confidence: np.ndarray, num_classes: int,
-                num_bins: int = DEFAULT_NUM_BINS) -> Dict[str, Any]:
+def shard_stats(
+  labels: np.ndarray, confidence: np.ndarray, num_classes: int, num_bins: int = DEFAULT_NUM_BINS
+) -> Dict[str, Any]:
   """Per-class counts and [class, bin] confidence histogram of one shard's records."""
   labels = np.asarray(labels, np.int64)
   hist = np.zeros((num_classes, num_bins), np.int64)
   np.add.at(hist, (labels, confidence_bins(confidence, num_bins)), 1)
-  return {"num_classes": num_classes, "num_bins": num_bins, "num_examples": int(labels.size),
-          "class_counts": hist.sum(1).tolist(), "histogram": hist.tolist()}
+  return {
+    "num_classes": num_classes,
+    "num_bins": num_bins,
+    "num_examples": int(labels.size),
+    "class_counts": hist.sum(1).tolist(),
+    "histogram": hist.tolist(),
+  }
 
 
 def merge_stats(parts: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
@@ -121,8 +131,7 @@ def merge_stats(parts: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
   hist = np.zeros((c, b), np.int64)
   for p in parts:
     if (p["num_classes"], p["num_bins"]) != (c, b):
-      raise ValueError(f"Shard statistics disagree: {p['num_classes']} classes / {p['num_bins']} bins vs "
-                       f"{c} / {b}.")
+      raise ValueError(f"Shard statistics disagree: {p['num_classes']} classes / {p['num_bins']} bins vs {c} / {b}.")
     hist += np.asarray(p["histogram"], np.int64)
   out.update(num_examples=int(hist.sum()), class_counts=hist.sum(1).tolist(), histogram=hist.tolist())
   return out
@@ -134,6 +143,7 @@ def merge_stats(parts: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class ClassSelection:
   """What one predicted class keeps: bins >= cutoff_bin, a fraction of cutoff_bin, repeated `copies` times."""
+
   cutoff_bin: int  # bins above it are kept whole
   cutoff_fraction: float  # fraction of the cutoff bin kept (1.0: all of it)
   copies: float  # each kept image appears floor(copies) times, +1 for a hashed fraction
@@ -141,8 +151,9 @@ class ClassSelection:
   expected: float  # images after selection (N in expectation, or 0)
 
 
-def select(stats: Mapping[str, Any], *, threshold: float = 0.3, per_class: int = 0,
-           balance: bool = True) -> Dict[str, Any]:
+def select(
+  stats: Mapping[str, Any], *, threshold: float = 0.3, per_class: int = 0, balance: bool = True
+) -> Dict[str, Any]:
   """The paper's filtering and balancing, from statistics alone (see the module docstring).
 
   per_class = N; 0 derives it from the data as the mean count per class after the threshold (the total
@@ -171,9 +182,15 @@ def select(stats: Mapping[str, Any], *, threshold: float = 0.3, per_class: int =
       above_cutoff = int(tail[cutoff + 1]) if cutoff + 1 < num_bins else 0
       fraction = (per_class - above_cutoff) / hist[c, cutoff]
       classes.append(ClassSelection(cutoff, float(fraction), 1.0, k, float(per_class)))
-  return {"threshold": threshold, "first_bin": first_bin, "num_bins": num_bins, "per_class": per_class,
-          "balance": balance, "classes": [dataclasses.asdict(c) for c in classes],
-          "expected_total": float(sum(c.expected for c in classes))}
+  return {
+    "threshold": threshold,
+    "first_bin": first_bin,
+    "num_bins": num_bins,
+    "per_class": per_class,
+    "balance": balance,
+    "classes": [dataclasses.asdict(c) for c in classes],
+    "expected_total": float(sum(c.expected for c in classes)),
+  }
 
 
 def _unit_hash(key: tf.Tensor, seed: int, salt: str) -> tf.Tensor:
@@ -194,8 +211,9 @@ def copies_fn(selection: Mapping[str, Any], seed: int):
 
   def fn(label, confidence, key):
     label = tf.cast(label, tf.int64)
-    tf.debugging.assert_less(label, tf.constant(num_classes, tf.int64),
-                             message=f"pseudo-label outside the selection's {num_classes} classes")
+    tf.debugging.assert_less(
+      label, tf.constant(num_classes, tf.int64), message=f"pseudo-label outside the selection's {num_classes} classes"
+    )
     b = _tf_confidence_bins(confidence, num_bins)
     c_bin, c_frac, c_copies = tf.gather(cutoff, label), tf.gather(fraction, label), tf.gather(copies, label)
     kept = (b >= first_bin) & ((b > c_bin) | ((b == c_bin) & (_unit_hash(key, seed, "keep") < c_frac)))

@@ -72,8 +72,9 @@ class ReadAhead:
     self._thread.join(timeout=10)
     self._drain()  # what it put before it saw the stop
     if self._thread.is_alive():
-      logging.warning("The read-ahead producer is still inside its iterator 10 s after close(); it stops at "
-                      "its next item.")
+      logging.warning(
+        "The read-ahead producer is still inside its iterator 10 s after close(); it stops at its next item."
+      )
 
   def _drain(self) -> None:
     while True:

@@ -14,8 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 BATCH_AXES = ("data", "fsdp")
 
 
-def create_mesh(data: Optional[int] = None, fsdp: int = 1,
-                devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def create_mesh(data: Optional[int] = None, fsdp: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A ('data', 'fsdp') mesh over all devices; `data=None` takes whatever `fsdp` leaves."""
   devices = list(jax.devices() if devices is None else devices)
   if fsdp < 1 or len(devices) % fsdp:
@@ -24,8 +23,7 @@ def create_mesh(data: Optional[int] = None, fsdp: int = 1,
     data = len(devices) // fsdp
   if data * fsdp != len(devices):
     raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} != {len(devices)} devices.")
-  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
-                       devices=devices)
+  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
 def check_auto_axes(mesh: Mesh) -> None:
@@ -33,8 +31,10 @@ def check_auto_axes(mesh: Mesh) -> None:
   shardings and a reduction over the batch (loss mean, BN statistics, eval counts) is a global one.
   Explicit axes (jax.make_mesh's default in 0.10) put shardings into types; not tested under."""
   if any(t != AxisType.Auto for t in mesh.axis_types):
-    raise ValueError(f"steps expect a mesh with AxisType.Auto axes (sharding.create_mesh); got "
-                     f"{dict(zip(mesh.axis_names, mesh.axis_types))}.")
+    raise ValueError(
+      f"steps expect a mesh with AxisType.Auto axes (sharding.create_mesh); got "
+      f"{dict(zip(mesh.axis_names, mesh.axis_types))}."
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -73,8 +73,7 @@ def fsdp_spec(shape: Sequence[int], fsdp: int, min_size: int = FSDP_MIN_SIZE) ->
   return PartitionSpec()
 
 
-def state_shardings(tree: Any, mesh: Mesh, mode: str = "replicate",
-                    min_size: int = FSDP_MIN_SIZE) -> Any:
+def state_shardings(tree: Any, mesh: Mesh, mode: str = "replicate", min_size: int = FSDP_MIN_SIZE) -> Any:
   """NamedShardings for a train-state pytree (arrays or ShapeDtypeStructs): 'replicate' or 'fsdp'.
 
   fsdp (for L0-L2-sized models) keeps 1/fsdp of every large array per device; jit inserts the all-gathers

@@ -34,6 +34,7 @@ Metrics = Dict[str, Array]
 @flax.struct.dataclass
 class TrainState:
   """Everything a resumed run needs. `rng` is raw uint32 key data (checkpointable by orbax)."""
+
   step: Array
   params: Any
   batch_stats: Any
@@ -51,9 +52,16 @@ def scaled_learning_rate(base_lr: float, batch_size: int) -> float:
   return base_lr * batch_size / 256.0
 
 
-def learning_rate_schedule(base_lr: float, batch_size: int, steps_per_epoch: int, total_steps: int,
-                           warmup_epochs: float = 5.0, schedule: str = "exponential",
-                           decay_epochs: float = 2.4, decay_factor: float = 0.97) -> optax.Schedule:
+def learning_rate_schedule(
+  base_lr: float,
+  batch_size: int,
+  steps_per_epoch: int,
+  total_steps: int,
+  warmup_epochs: float = 5.0,
+  schedule: str = "exponential",
+  decay_epochs: float = 2.4,
+  decay_factor: float = 0.97,
+) -> optax.Schedule:
   """Linear warmup from 0, then staircase exponential decay or cosine, as the official TF code.
 
   As in TF (`efficientnet/utils.py: build_learning_rate`) the decay is a function of the *global* step; the
@@ -62,8 +70,9 @@ def learning_rate_schedule(base_lr: float, batch_size: int, steps_per_epoch: int
   """
   peak = scaled_learning_rate(base_lr, batch_size)
   if schedule == "exponential":
-    decay = optax.exponential_decay(peak, transition_steps=max(1, int(decay_epochs * steps_per_epoch)),
-                                    decay_rate=decay_factor, staircase=True)
+    decay = optax.exponential_decay(
+      peak, transition_steps=max(1, int(decay_epochs * steps_per_epoch)), decay_rate=decay_factor, staircase=True
+    )
   elif schedule == "cosine":
     decay = optax.cosine_decay_schedule(peak, decay_steps=max(1, total_steps))
   else:
@@ -82,9 +91,11 @@ def weight_decay_mask(params: Any) -> Any:
   As the official code (L2 on all trainable variables whose name lacks 'batch_normalization'), biases of
   the squeeze-excite convolutions and the classifier are decayed.
   """
+
   def decayed(path, _):
     names = [str(getattr(k, "key", k)) for k in path]
     return not any(n.endswith("_bn") for n in names)
+
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
@@ -93,12 +104,21 @@ def frozen_labels(pattern: str) -> Callable[[Any], Any]:
   ('blocks_3/expand_conv/kernel'), else 'train': optax.multi_transform's labels."""
   regex = re.compile(pattern)
   return lambda params: flax.traverse_util.path_aware_map(
-      lambda path, _: "frozen" if regex.search("/".join(path)) else "train", params)
+    lambda path, _: "frozen" if regex.search("/".join(path)) else "train", params
+  )
 
 
-def create_optimizer(name: str, schedule: optax.ScalarOrSchedule, weight_decay: float = 1e-5, *,
-                     momentum: float = 0.9, rmsprop_decay: float = 0.9, epsilon: float = 1e-3,
-                     nesterov: bool = False, frozen: str = "") -> optax.GradientTransformation:
+def create_optimizer(
+  name: str,
+  schedule: optax.ScalarOrSchedule,
+  weight_decay: float = 1e-5,
+  *,
+  momentum: float = 0.9,
+  rmsprop_decay: float = 0.9,
+  epsilon: float = 1e-3,
+  nesterov: bool = False,
+  frozen: str = "",
+) -> optax.GradientTransformation:
   """'rmsprop' (TF-style), 'sgd' (momentum, optional Nesterov) or 'adamw'.
 
   For rmsprop and sgd the weight decay is `optax.add_decayed_weights` *before* the optimizer, i.e. the
@@ -118,11 +138,17 @@ def create_optimizer(name: str, schedule: optax.ScalarOrSchedule, weight_decay: 
 
 
 def _optimizer(name, schedule, weight_decay, momentum, rmsprop_decay, epsilon, nesterov):
-  decay = (optax.add_decayed_weights(weight_decay, mask=weight_decay_mask)
-           if weight_decay else optax.identity())
+  decay = optax.add_decayed_weights(weight_decay, mask=weight_decay_mask) if weight_decay else optax.identity()
   if name == "rmsprop":
-    opt = optax.rmsprop(schedule, decay=rmsprop_decay, eps=epsilon, initial_scale=1.0, eps_in_sqrt=True,
-                        momentum=momentum, nesterov=nesterov)
+    opt = optax.rmsprop(
+      schedule,
+      decay=rmsprop_decay,
+      eps=epsilon,
+      initial_scale=1.0,
+      eps_in_sqrt=True,
+      momentum=momentum,
+      nesterov=nesterov,
+    )
     return optax.chain(decay, opt)
   if name == "sgd":
     return optax.chain(decay, optax.sgd(schedule, momentum=momentum, nesterov=nesterov))
@@ -157,15 +183,21 @@ def _key_data(rng: Array) -> Array:
   return jnp.asarray(rng, jnp.uint32)
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: Array,
-                       image_size: int, mesh: Optional[Mesh] = None,
-                       param_sharding: str = "replicate") -> TrainState:
+def create_train_state(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  rng: Array,
+  image_size: int,
+  mesh: Optional[Mesh] = None,
+  param_sharding: str = "replicate",
+) -> TrainState:
   """Initialises variables under jit (eager init of EfficientNet is far slower on CPU).
 
   With `mesh`, the state is created on it directly, replicated or sharded by `param_sharding` ('replicate' or
   'fsdp', see sharding.state_shardings); every process computes the same values from the same key, the
   multi-host way. Without, it lands on the default device (`replicate` moves it).
   """
+
   def init(rng):
     init_rng, train_rng = jax.random.split(rng)
     # Parameters drawn with XLA's RngBitGenerator ('rbg'), seeded from the threefry key: one op per draw
@@ -174,9 +206,15 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
     variables = model.init(init_rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     # EMA copies are distinct arrays (x + 0 is not aliased), so the donated state never repeats a buffer.
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), ema_params=jax.tree.map(jnp.copy, params),
-                      ema_batch_stats=jax.tree.map(jnp.copy, batch_stats), rng=train_rng)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+      ema_params=jax.tree.map(jnp.copy, params),
+      ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+      rng=train_rng,
+    )
 
   if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.wrap_key_data(rng)
@@ -217,18 +255,25 @@ def mixed_targets(targets: Array, is_labeled: Array, label_smoothing: float) -> 
   return jnp.where(is_labeled[:, None], smooth_labels(targets, label_smoothing), targets)
 
 
-def loss_fn(params: Any, batch_stats: Any, batch: Mapping[str, Array], rng: Array, *, model: nn.Module,
-            label_smoothing: float = 0.1, normalization: str = "imagenet") -> Tuple[Array, Tuple[Any, Metrics]]:
+def loss_fn(
+  params: Any,
+  batch_stats: Any,
+  batch: Mapping[str, Array],
+  rng: Array,
+  *,
+  model: nn.Module,
+  label_smoothing: float = 0.1,
+  normalization: str = "imagenet",
+) -> Tuple[Array, Tuple[Any, Metrics]]:
   """Mean loss over the concatenated labeled + pseudo-labeled batch (one forward pass, shared BN stats).
 
   uint8 pixels are standardized here, on the device (a quarter of the bytes a float32 batch moves); a float
-  batch was standardized by its pipeline and passes through unchanged.
+  batch is taken as standardized already.
   """
-  images = batch["image"]
-  if images.dtype == jnp.uint8:
-    images = normalization_lib.normalize_pixels(images, normalization)
-  logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                 train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+  images = normalization_lib.model_input(batch["image"], normalization)
+  logits, new_vars = model.apply(
+    {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"], rngs={"dropout": rng}
+  )
   is_labeled = batch["is_labeled"].astype(bool)
   per_row = cross_entropy(logits, mixed_targets(batch["targets"], is_labeled, label_smoothing))
   loss = jnp.mean(per_row)
@@ -236,10 +281,10 @@ def loss_fn(params: Any, batch_stats: Any, batch: Mapping[str, Array], rng: Arra
   correct = (jnp.argmax(logits, -1) == jnp.argmax(batch["targets"], -1)).astype(jnp.float32)
   n_labeled = jnp.sum(labeled)
   metrics = {
-      "loss": loss,
-      "labeled_loss": jnp.sum(per_row * labeled) / jnp.maximum(n_labeled, 1.0),
-      "unlabeled_loss": jnp.sum(per_row * (1 - labeled)) / jnp.maximum(jnp.sum(1 - labeled), 1.0),
-      "accuracy": jnp.sum(correct * labeled) / jnp.maximum(n_labeled, 1.0),
+    "loss": loss,
+    "labeled_loss": jnp.sum(per_row * labeled) / jnp.maximum(n_labeled, 1.0),
+    "unlabeled_loss": jnp.sum(per_row * (1 - labeled)) / jnp.maximum(jnp.sum(1 - labeled), 1.0),
+    "accuracy": jnp.sum(correct * labeled) / jnp.maximum(n_labeled, 1.0),
   }
   return loss, (new_vars["batch_stats"], metrics)
 
@@ -247,15 +292,23 @@ def loss_fn(params: Any, batch_stats: Any, batch: Mapping[str, Array], rng: Arra
 # ----------------------------------------------------------------------------- steps
 
 
-def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, label_smoothing: float = 0.1, ema_decay: float = 0.9999,
-               schedule: Optional[optax.Schedule] = None,
-               normalization: str = "imagenet") -> Tuple[TrainState, Metrics]:
+def train_step(
+  state: TrainState,
+  batch: Mapping[str, Array],
+  *,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  label_smoothing: float = 0.1,
+  ema_decay: float = 0.9999,
+  schedule: Optional[optax.Schedule] = None,
+  normalization: str = "imagenet",
+) -> Tuple[TrainState, Metrics]:
   """One optimizer step plus the EMA update. Pure; `make_train_step` compiles it over a mesh. uint8 images
   are standardized with `normalization` (config.data.normalization) first."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, label_smoothing=label_smoothing,
-                                                 normalization=normalization), has_aux=True)
+  grad_fn = jax.value_and_grad(
+    functools.partial(loss_fn, model=model, label_smoothing=label_smoothing, normalization=normalization), has_aux=True
+  )
   (_, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -264,23 +317,45 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, model: nn.Modul
   if schedule is not None:
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
   new_state = state.replace(
-      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-      ema_params=ema_update(state.ema_params, params, decay),
-      ema_batch_stats=ema_update(state.ema_batch_stats, batch_stats, decay))
+    step=state.step + 1,
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+    ema_params=ema_update(state.ema_params, params, decay),
+    ema_batch_stats=ema_update(state.ema_batch_stats, batch_stats, decay),
+  )
   return new_state, metrics
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
-                    label_smoothing: float = 0.1, ema_decay: float = 0.9999,
-                    schedule: Optional[optax.Schedule] = None,
-                    state_shardings: Any = None, normalization: str = "imagenet") -> Callable:
+def make_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  *,
+  label_smoothing: float = 0.1,
+  ema_decay: float = 0.9999,
+  schedule: Optional[optax.Schedule] = None,
+  state_shardings: Any = None,
+  normalization: str = "imagenet",
+) -> Callable:
   """`train_step` jitted over `mesh`: batch sharded over ('data', 'fsdp'), state donated and kept in
   `state_shardings` (a pytree of shardings like the state's, e.g. `jax.tree.map(lambda x: x.sharding,
   state)` of an fsdp state; default: replicated)."""
   sharding.check_auto_axes(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   state_sharding = replicated if state_shardings is None else state_shardings
-  step = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
-                           ema_decay=ema_decay, schedule=schedule, normalization=normalization)
-  return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+  step = functools.partial(
+    train_step,
+    model=model,
+    tx=tx,
+    label_smoothing=label_smoothing,
+    ema_decay=ema_decay,
+    schedule=schedule,
+    normalization=normalization,
+  )
+  return jax.jit(
+    step,
+    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+    out_shardings=(state_sharding, replicated),
+    donate_argnums=(0,),
+  )

@@ -12,7 +12,7 @@ import itertools
 import signal
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +24,11 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from noisy_student import checkpoint, outputs, pseudo_labels, sharding
+from noisy_student import checkpoint, config_defaults, outputs, pseudo_labels, sharding
+from noisy_student import data as data_lib
 from noisy_student import evaluate as evaluate_lib
 from noisy_student import train as train_lib
-from noisy_student import data as data_lib
-from noisy_student.models import model_from_config
+from noisy_student.models import create_model
 
 CHECKPOINT_DIR = "checkpoints"
 EVAL_FILE = "eval.json"
@@ -39,18 +39,23 @@ def _opt(value):
   return value or None
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
+def build_model(config: ml_collections.ConfigDict):
   """The EfficientNet of config.model with its noise knobs (dropout, stochastic depth, BN momentum)."""
-  return model_from_config(config.model, num_classes)
+  return create_model(**config_defaults.model_arguments(config.model))
 
 
 def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
   """(schedule, optax transformation) of config.optimizer; the lr is scaled by the labeled batch, as the
   official code scales by train_batch_size."""
   opt = config.optimizer
-  schedule = train_lib.learning_rate_schedule(opt.base_lr, config.data.labeled_batch, steps_per_epoch,
-                                              total_steps, warmup_epochs=opt.warmup_epochs,
-                                              schedule=opt.schedule)
+  schedule = train_lib.learning_rate_schedule(
+    opt.base_lr,
+    config.data.labeled_batch,
+    steps_per_epoch,
+    total_steps,
+    warmup_epochs=opt.warmup_epochs,
+    schedule=opt.schedule,
+  )
   return schedule, train_lib.create_optimizer(opt.name, schedule, opt.weight_decay, frozen=opt.frozen)
 
 
@@ -62,20 +67,28 @@ def check_frozen(pattern: str, params) -> None:
   labels = jax.tree.leaves(train_lib.frozen_labels(pattern)(params))
   if "frozen" not in labels or "train" not in labels:
     names = list(traverse_util.flatten_dict(params, sep="/"))
-    raise ValueError(f"config.optimizer.frozen={pattern!r} matches {labels.count('frozen')} of {len(names)} "
-                     f"parameters; it must match some but not all (names look like {names[0]!r}, "
-                     f"{names[len(names) // 2]!r}).")
+    raise ValueError(
+      f"config.optimizer.frozen={pattern!r} matches {labels.count('frozen')} of {len(names)} "
+      f"parameters; it must match some but not all (names look like {names[0]!r}, "
+      f"{names[len(names) // 2]!r})."
+    )
 
 
 def initialize_from(state, directory: str):
   """A fresh train state whose weights (and EMA copies) are an exported model's (WORKDIR/export of a
   finished run or stage): fine-tuning, e.g. at a larger resolution. Shardings stay the state's."""
-  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          {"params": state.params, "batch_stats": state.batch_stats})
+  template = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+    {"params": state.params, "batch_stats": state.batch_stats},
+  )
   variables = checkpoint.load_inference_variables(directory, template)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # distinct buffers: the state is donated
-  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
-                       ema_params=copy(variables["params"]), ema_batch_stats=copy(variables["batch_stats"]))
+  return state.replace(
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    ema_params=copy(variables["params"]),
+    ema_batch_stats=copy(variables["batch_stats"]),
+  )
 
 
 def _train_steps(config, num_examples: int) -> int:
@@ -97,23 +110,36 @@ def open_pseudo_labels(config: ml_collections.ConfigDict, workdir: epath.Path):
     manifest = epath.Path(config.data.unlabeled).parent / "stats.json"
     if not manifest.exists():
       raise FileNotFoundError(
-          f"Selecting pseudo-labels needs the labeling job's {manifest} beside {config.data.unlabeled!r}; "
-          "set config.select.enabled=False to train on every record as is.")
+        f"Selecting pseudo-labels needs the labeling job's {manifest} beside {config.data.unlabeled!r}; "
+        "set config.select.enabled=False to train on every record as is."
+      )
     stats = outputs.read_json(manifest)
     s = config.select
-    selection = pseudo_labels.select(stats, threshold=s.threshold, per_class=s.per_class, balance=s.balance)
+    selection = pseudo_labels.select(stats, **config_defaults.selection_arguments(s))
     if selection["expected_total"] == 0:
-      raise ValueError(f"{manifest}: no pseudo-label of {stats['num_examples']} reaches the confidence "
-                       f"threshold config.select.threshold={s.threshold}; lower it, or train the teacher "
-                       "longer.")
+      raise ValueError(
+        f"{manifest}: no pseudo-label of {stats['num_examples']} reaches the confidence "
+        f"threshold config.select.threshold={s.threshold}; lower it, or train the teacher "
+        "longer."
+      )
     if jax.process_index() == 0:
       outputs.write_json(workdir / "selection.json", selection)
       pseudo_labels.plot_histograms(stats, workdir / "selection.png", selection)
-    logging.info("Pseudo-label selection: threshold %.2f, %d per class, %.0f of %d records expected.",
-                 s.threshold, selection["per_class"], selection["expected_total"], stats["num_examples"])
+    logging.info(
+      "Pseudo-label selection: threshold %.2f, %d per class, %.0f of %d records expected.",
+      s.threshold,
+      selection["per_class"],
+      selection["expected_total"],
+      stats["num_examples"],
+    )
   copies = None if selection is None else pseudo_labels.copies_fn(selection, config.seed)
-  return data_lib.open_source(config.data.unlabeled, data_dir=_opt(config.data.data_dir),
-                              num_classes=config.model.num_classes, copies=copies, **_whole(config))
+  return data_lib.open_source(
+    config.data.unlabeled,
+    data_dir=_opt(config.data.data_dir),
+    num_classes=config.model.num_classes,
+    copies=copies,
+    **_whole(config),
+  )
 
 
 def _require_examples_everywhere(source) -> None:
@@ -124,8 +150,10 @@ def _require_examples_everywhere(source) -> None:
     counts = [int(c) for c in multihost_utils.process_allgather(np.int64(source.num_examples))]
   empty = [i for i, c in enumerate(counts) if c == 0]
   if empty:
-    raise ValueError(f"{source.spec}: process(es) {empty} have no training examples (per-process counts "
-                     f"{counts}); write more shards, use fewer processes, or set config.data.global_order=True.")
+    raise ValueError(
+      f"{source.spec}: process(es) {empty} have no training examples (per-process counts "
+      f"{counts}); write more shards, use fewer processes, or set config.data.global_order=True."
+    )
 
 
 def _whole(config: ml_collections.ConfigDict) -> Dict[str, int]:
@@ -136,25 +164,40 @@ def _whole(config: ml_collections.ConfigDict) -> Dict[str, int]:
 
 def evaluate(eval_step, variables, source, config, mesh) -> Dict[str, float]:
   """Top-1 / top-5 of `variables` over the whole eval source, at config's eval batch, size and crop."""
-  return evaluate_lib.evaluate(eval_step, variables, source, global_batch=config.data.eval_batch,
-                               image_size=config.model.image_size,
-                               crop=config.data.eval_crop, mesh=mesh)
+  return evaluate_lib.evaluate(
+    eval_step,
+    variables,
+    source,
+    global_batch=config.data.eval_batch,
+    image_size=config.model.image_size,
+    crop=config.data.eval_crop,
+    mesh=mesh,
+  )
 
 
 def robustness_suites(config: ml_collections.ConfigDict) -> evaluate_lib.Suites:
   """config.evaluate's robustness suites, checked against the model and its input statistics."""
-  return evaluate_lib.parse_suites(**config.evaluate, num_classes=config.model.num_classes,
-                                   normalization=config.data.normalization)
+  return evaluate_lib.parse_suites(
+    **config.evaluate, num_classes=config.model.num_classes, normalization=config.data.normalization
+  )
 
 
 def robustness(model, variables, config, mesh) -> Dict[str, Any]:
   """{'robustness': per-suite results} for config.evaluate.suites (evaluate.py), or {} when none are set."""
   if not config.evaluate.suites:
     return {}
-  return {"robustness": evaluate_lib.robustness(
-      model, variables, robustness_suites(config), mesh, data_dir=_opt(config.data.data_dir),
-      image_size=config.model.image_size, global_batch=config.data.eval_batch,
-      normalization=config.data.normalization)}
+  return {
+    "robustness": evaluate_lib.robustness(
+      model,
+      variables,
+      robustness_suites(config),
+      mesh,
+      data_dir=_opt(config.data.data_dir),
+      image_size=config.model.image_size,
+      global_batch=config.data.eval_batch,
+      normalization=config.data.normalization,
+    )
+  }
 
 
 def _eval_scalars(result: Dict[str, Any]) -> Dict[str, float]:
@@ -174,6 +217,7 @@ class _Preemption:
     def handler(signum, frame):  # pylint: disable=unused-argument
       logging.warning("SIGTERM received: saving a checkpoint and stopping.")
       self.requested = True
+
     if threading.current_thread() is threading.main_thread():  # signal.signal works only there
       self._previous = signal.signal(signal.SIGTERM, handler)
     return self
@@ -208,22 +252,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
 
   whole = _whole(config)
-  labeled = data_lib.open_source(config.data.labeled, data_dir=data_dir, num_classes=config.model.num_classes,
-                                 **whole)
+  labeled = data_lib.open_source(config.data.labeled, data_dir=data_dir, num_classes=config.model.num_classes, **whole)
   unlabeled = None
   if config.data.ratio and not _opt(config.data.unlabeled):
-    raise ValueError(f"config.data.ratio={config.data.ratio} needs pseudo-labeled TFRecords in "
-                     "config.data.unlabeled (a glob); set ratio=0 to train on labeled data only.")
+    raise ValueError(
+      f"config.data.ratio={config.data.ratio} needs pseudo-labeled TFRecords in "
+      "config.data.unlabeled (a glob); set ratio=0 to train on labeled data only."
+    )
   if _opt(config.data.unlabeled) and not config.data.ratio:
-    logging.warning("config.data.unlabeled=%r is ignored because config.data.ratio is 0.",
-                    config.data.unlabeled)
+    logging.warning("config.data.unlabeled=%r is ignored because config.data.ratio is 0.", config.data.unlabeled)
   if _opt(config.data.unlabeled) and config.data.ratio:
     unlabeled = open_pseudo_labels(config, workdir)
   for source in (labeled, unlabeled):
     if source is not None:
       _require_examples_everywhere(source)
-  eval_source = data_lib.open_source(config.data.eval, data_dir=data_dir,
-                                     num_classes=config.model.num_classes)
+  eval_source = data_lib.open_source(config.data.eval, data_dir=data_dir, num_classes=config.model.num_classes)
 
   num_classes = config.model.num_classes
   total_labeled = labeled.num_examples * labeled.process_count
@@ -231,51 +274,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   total_steps = _train_steps(config, total_labeled)
   opt = config.optimizer
   schedule, tx = build_optimizer(config, steps_per_epoch, total_steps)
-  model = build_model(config, num_classes)
+  model = build_model(config)
 
-  state = train_lib.create_train_state(model, tx, jax.random.key(config.seed), config.model.image_size,
-                                       mesh=mesh, param_sharding=config.mesh.param_sharding)
+  state = train_lib.create_train_state(
+    model,
+    tx,
+    jax.random.key(config.seed),
+    config.model.image_size,
+    mesh=mesh,
+    param_sharding=config.mesh.param_sharding,
+  )
   manager = checkpoint.create_manager(str(workdir / CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
   check_frozen(opt.frozen, state.params)
   restored = checkpoint.restore_latest(manager, state)
   if restored is not None:
     state = restored
-    logging.info("Restored the train state from step %d in %s%s.", int(state.step), manager.directory,
-                 f" (config.init_from={config.init_from!r} applies to fresh runs only)" if config.init_from else "")
+    logging.info(
+      "Restored the train state from step %d in %s%s.",
+      int(state.step),
+      manager.directory,
+      f" (config.init_from={config.init_from!r} applies to fresh runs only)" if config.init_from else "",
+    )
   elif config.init_from:
     state = initialize_from(state, config.init_from)
     logging.info("Initialized the weights from %s.", config.init_from)
   elif opt.frozen:
-    raise ValueError(f"config.optimizer.frozen={opt.frozen!r} without config.init_from would freeze randomly "
-                     "initialized layers: set config.init_from to a finished run's export/.")
+    raise ValueError(
+      f"config.optimizer.frozen={opt.frozen!r} without config.init_from would freeze randomly "
+      "initialized layers: set config.init_from to a finished run's export/."
+    )
   start_step = int(jax.device_get(state.step))
 
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   if start_step == 0:
-    parameter_overview.log_parameter_overview(state.params, msg="Model parameters",
-                                              jax_logging_process=0)
+    parameter_overview.log_parameter_overview(state.params, msg="Model parameters", jax_logging_process=0)
     writer.write_hparams(traverse_util.flatten_dict(config.to_dict(), sep="."))
 
-  train_step = train_lib.make_train_step(model, tx, mesh, label_smoothing=opt.label_smoothing,
-                                         ema_decay=opt.ema_decay, schedule=schedule,
-                                         state_shardings=jax.tree.map(lambda x: x.sharding, state),
-                                         normalization=config.data.normalization)
+  train_step = train_lib.make_train_step(
+    model,
+    tx,
+    mesh,
+    label_smoothing=opt.label_smoothing,
+    ema_decay=opt.ema_decay,
+    schedule=schedule,
+    state_shardings=jax.tree.map(lambda x: x.sharding, state),
+    normalization=config.data.normalization,
+  )
   eval_step = evaluate_lib.make_eval_step(model, mesh, normalization=config.data.normalization)
   global_batch = config.data.labeled_batch * (1 + (config.data.ratio if unlabeled is not None else 0))
   batches = data_lib.train_iterator(
-      labeled, labeled_batch=config.data.labeled_batch, image_size=config.model.image_size,
-      seed=config.seed, start_step=start_step, unlabeled=unlabeled,
-      ratio=config.data.ratio if unlabeled is not None else 0, mesh=mesh, num_classes=num_classes,
-      crop=config.data.crop, flip=config.data.flip,
-      noise=data_lib.Noise(config.data.randaugment_layers, config.data.randaugment_magnitude))
+    labeled,
+    labeled_batch=config.data.labeled_batch,
+    image_size=config.model.image_size,
+    seed=config.seed,
+    start_step=start_step,
+    unlabeled=unlabeled,
+    ratio=config.data.ratio if unlabeled is not None else 0,
+    mesh=mesh,
+    num_classes=num_classes,
+    crop=config.data.crop,
+    flip=config.data.flip,
+    noise=data_lib.Noise(config.data.randaugment_layers, config.data.randaugment_magnitude),
+  )
   if start_step < total_steps:
     batch_spec = data_lib.train_batch_spec(global_batch, config.model.image_size, num_classes, mesh)
     train_step, batches = _compile_while_first_batch(train_step, state, batch_spec, batches)
 
   hooks = []
   if jax.process_index() == 0:
-    hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                                 every_steps=config.log_every_steps, every_secs=None))
+    hooks.append(
+      periodic_actions.ReportProgress(
+        num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps, every_secs=None
+      )
+    )
   log_every = max(1, config.log_every_steps)
   pending, last_loss = [], None
   interval_start, interval_step = time.monotonic(), start_step
@@ -352,8 +423,10 @@ def check_finite(loss: Any, step: int) -> None:
   """Raises before anything is saved, so the last good checkpoint is the one a restart resumes from."""
   value = float(np.asarray(jax.device_get(loss)))
   if not np.isfinite(value):
-    raise FloatingPointError(f"Non-finite loss {value} at step {int(step)}; stopping without saving "
-                             f"(the latest checkpoint is from before this step).")
+    raise FloatingPointError(
+      f"Non-finite loss {value} at step {int(step)}; stopping without saving "
+      f"(the latest checkpoint is from before this step)."
+    )
 
 
 def _mean(metrics_list) -> Dict[str, float]:
@@ -361,25 +434,38 @@ def _mean(metrics_list) -> Dict[str, float]:
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Optional[Dict[str, float]]:
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """mode='evaluate': the latest checkpoint's EMA weights on config.data.eval and the robustness suites of
   config.evaluate.suites, written to eval.json."""
   workdir = epath.Path(workdir)
   robustness_suites(config)
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
-  model = build_model(config, config.model.num_classes)
+  model = build_model(config)
   _, tx = build_optimizer(config, 1, 1)  # only the state's structure matters for restoring
-  template = train_lib.create_train_state(model, tx, jax.random.key(config.seed), config.model.image_size,
-                                          mesh=mesh, param_sharding=config.mesh.param_sharding)
+  template = train_lib.create_train_state(
+    model,
+    tx,
+    jax.random.key(config.seed),
+    config.model.image_size,
+    mesh=mesh,
+    param_sharding=config.mesh.param_sharding,
+  )
   manager = checkpoint.create_manager(str(workdir / CHECKPOINT_DIR), max_to_keep=None)
   state = checkpoint.restore_latest(manager, template)
   if state is None:
     raise FileNotFoundError(f"No checkpoint in {workdir / CHECKPOINT_DIR} to evaluate.")
-  source = data_lib.open_source(config.data.eval, data_dir=_opt(config.data.data_dir),
-                                num_classes=config.model.num_classes)
-  variables = train_lib.eval_variables(state)
-  result = evaluate(evaluate_lib.make_eval_step(model, mesh, normalization=config.data.normalization), variables,
-                    source, config, mesh)
-  result = dict(result, **robustness(model, variables, config, mesh), step=int(jax.device_get(state.step)))
+  result = dict(
+    evaluate_variables(config, model, train_lib.eval_variables(state), mesh), step=int(jax.device_get(state.step))
+  )
   _write_json(workdir / EVAL_FILE, result)
   return result
+
+
+def evaluate_variables(config: ml_collections.ConfigDict, model, variables, mesh) -> Dict[str, Any]:
+  """Eval-mode `variables` on config.data.eval, plus the robustness suites of config.evaluate.suites: what
+  mode='evaluate' and a loop started from an official checkpoint report."""
+  source = data_lib.open_source(
+    config.data.eval, data_dir=_opt(config.data.data_dir), num_classes=config.model.num_classes
+  )
+  step = evaluate_lib.make_eval_step(model, mesh, normalization=config.data.normalization)
+  return dict(evaluate(step, variables, source, config, mesh), **robustness(model, variables, config, mesh))

@@ -16,8 +16,12 @@ from noisy_student.cpu import allocator  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 # Compiled steps persist across test processes (xdist workers, subprocesses use the CLI's own cache) and runs.
-jax.config.update("jax_compilation_cache_dir", os.environ.get(
-    "NOISY_STUDENT_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "noisy_student", "jax_tests")))
+jax.config.update(
+  "jax_compilation_cache_dir",
+  os.environ.get(
+    "NOISY_STUDENT_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "noisy_student", "jax_tests")
+  ),
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 def digits_data_dir() -> str:
   """A tfds data_dir with the embedded digits dataset prepared once per test process (offline)."""
   from noisy_student.data import digits  # pylint: disable=g-import-not-at-top
+
   path = tempfile.mkdtemp(prefix="ns_digits_")
   atexit.register(shutil.rmtree, path, True)
   digits.prepare(path)
@@ -30,6 +31,7 @@ def color_digits(size: int = 32, count: int = 8) -> np.ndarray:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from noisy_student.data import digits  # pylint: disable=g-import-not-at-top
+
   images, _ = digits.digits_arrays()
   x = tf.image.resize(images[:count].astype(np.float32), [size, size], method="bicubic").numpy()[..., 0]
   x = np.clip(x, 0, 255)
@@ -59,6 +61,7 @@ def free_port() -> int:
 def load_config(name: str, arg=None):
   """configs/NAME.py's get_config(arg), locked as the command line locks it."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -80,27 +83,40 @@ def digits_config():
 def cli_command(workdir, *overrides) -> list:
   """`python -m noisy_student` on configs/digits.py and the prepared digits data_dir, then `overrides`
   (`--config.KEY=VALUE` or launcher flags); run it from REPO with subprocess_env(), as run_cli does."""
-  return [sys.executable, "-m", "noisy_student", "--config=configs/digits.py", f"--workdir={workdir}",
-          f"--config.data.data_dir={digits_data_dir()}", *overrides]
+  return [
+    sys.executable,
+    "-m",
+    "noisy_student",
+    "--config=configs/digits.py",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={digits_data_dir()}",
+    *overrides,
+  ]
 
 
 def process_flags(port: int, process_id: int, num_processes: int = 2) -> tuple:
   """The launcher flags of one of `num_processes` CLI processes sharing a coordinator on 127.0.0.1:port."""
-  return (f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
-          f"--process_id={process_id}")
+  return (f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}", f"--process_id={process_id}")
 
 
 def run_cli(workdir, *overrides, devices: int = 1, env=None, timeout: float = 300) -> subprocess.CompletedProcess:
   """cli_command run to its end on `devices` simulated CPU devices (or in `env`), output captured as text."""
-  return subprocess.run(cli_command(workdir, *overrides), cwd=REPO, env=env or subprocess_env(devices),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    cli_command(workdir, *overrides),
+    cwd=REPO,
+    env=env or subprocess_env(devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def start_cli(workdir, *overrides, devices: int = 1, env=None, **popen) -> subprocess.Popen:
   """cli_command started in the background, stderr merged into a text stdout pipe unless `popen` says
   otherwise: a test reads the log line by line (to signal the run at a chosen point) or communicate()s."""
-  options = dict(cwd=REPO, env=env or subprocess_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                 text=True)
+  options = dict(
+    cwd=REPO, env=env or subprocess_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   return subprocess.Popen(cli_command(workdir, *overrides), **{**options, **popen})
 
 
@@ -116,7 +132,8 @@ def assert_trees_close(actual, desired, *, rtol: float = 0.0, atol: float = 0.0,
   feeding another batch norm): they hold only float noise, different for every mesh or kernel.
   """
   assert jax.tree.structure(actual) == jax.tree.structure(desired), (
-      f"{jax.tree.structure(actual)} != {jax.tree.structure(desired)}")
+    f"{jax.tree.structure(actual)} != {jax.tree.structure(desired)}"
+  )
   for (path, d), a in zip(jax.tree_util.tree_leaves_with_path(desired), jax.tree.leaves(actual)):
     a, d = np.asarray(a, np.float64), np.asarray(d, np.float64)
     scale = max(float(np.max(np.abs(d), initial=0.0)), floor)

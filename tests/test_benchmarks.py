@@ -30,17 +30,22 @@ def test_the_peer_run_is_parsed_and_runs_without_this_process_allocator(tmp_path
   XLA settings, and its inference row is read back; a failed run is an error that shows its output."""
   label_throughput = pytest.importorskip("benchmarks.label_throughput")
   fake = tmp_path / "python"
-  fake.write_text("#!/bin/sh\necho \"LD_PRELOAD=[$LD_PRELOAD] XLA_FLAGS=[$XLA_FLAGS] $GLIBC_TUNABLES $*\"\n"
-                  "echo 'best infer: 64.8 img/s (channels_last)'\n"
-                  "echo 'result: {\"channels_last\": {\"infer_img_s\": 64.8, \"infer_max_img_s\": 73.8, "
-                  "\"infer_sustained_img_s\": 61.5}}'\n")
+  fake.write_text(
+    '#!/bin/sh\necho "LD_PRELOAD=[$LD_PRELOAD] XLA_FLAGS=[$XLA_FLAGS] $GLIBC_TUNABLES $*"\n'
+    "echo 'best infer: 64.8 img/s (channels_last)'\n"
+    'echo \'result: {"channels_last": {"infer_img_s": 64.8, "infer_max_img_s": 73.8, '
+    '"infer_sustained_img_s": 61.5}}\'\n'
+  )
   fake.chmod(0o755)
   monkeypatch.setenv("LD_PRELOAD", "/somewhere/libmimalloc.so")
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
   assert label_throughput.peer_inference(str(fake), 32, 224, 48) == (64.8, 73.8, 61.5)
   broken = tmp_path / "broken"
-  broken.write_text("#!/bin/sh\necho \"LD_PRELOAD=[$LD_PRELOAD] XLA_FLAGS=[$XLA_FLAGS] $GLIBC_TUNABLES $*\"\nexit 3\n")
+  broken.write_text('#!/bin/sh\necho "LD_PRELOAD=[$LD_PRELOAD] XLA_FLAGS=[$XLA_FLAGS] $GLIBC_TUNABLES $*"\nexit 3\n')
   broken.chmod(0o755)
-  with pytest.raises(RuntimeError, match=r"(?s)peer run .*LD_PRELOAD=\[\] XLA_FLAGS=\[\] "
-                     r"glibc.malloc.mmap_threshold=4294967296.* --batch=32 --resolution=224 .*--steps=48"):
+  with pytest.raises(
+    RuntimeError,
+    match=r"(?s)peer run .*LD_PRELOAD=\[\] XLA_FLAGS=\[\] "
+    r"glibc.malloc.mmap_threshold=4294967296.* --batch=32 --resolution=224 .*--steps=48",
+  ):
     label_throughput.peer_inference(str(broken), 32, 224, 48)

@@ -24,10 +24,15 @@ def tiny_state(seed: int, classes: int = 3, step: int = 7) -> train.TrainState:
   params = {"dense": {"kernel": draw(4, classes), "bias": draw(classes)}, "head_bn": {"scale": draw(4)}}
   tx = train.create_optimizer("rmsprop", 0.1, weight_decay=1e-5)
   _, opt_state = tx.update(jax.tree.map(lambda p: draw(*p.shape), params), tx.init(params), params)
-  return train.TrainState(step=jnp.int32(step), params=params, batch_stats={"head_bn": {"mean": draw(4)}},
-                          opt_state=opt_state, ema_params=jax.tree.map(lambda p: draw(*p.shape), params),
-                          ema_batch_stats={"head_bn": {"mean": draw(4)}},
-                          rng=jax.random.key_data(jax.random.key(seed)))
+  return train.TrainState(
+    step=jnp.int32(step),
+    params=params,
+    batch_stats={"head_bn": {"mean": draw(4)}},
+    opt_state=opt_state,
+    ema_params=jax.tree.map(lambda p: draw(*p.shape), params),
+    ema_batch_stats={"head_bn": {"mean": draw(4)}},
+    rng=jax.random.key_data(jax.random.key(seed)),
+  )
 
 
 def assert_bit_identical(actual, desired):
@@ -89,13 +94,14 @@ def test_a_state_of_another_model_is_refused_naming_the_step_folder_and_variable
       checkpoint.restore_latest(manager, tiny_state(0, classes=4))
   # 8 arrays differ (kernel and bias of the weights, their EMA copies and both moments); the first 5 are named.
   assert str(error.value) == (
-      f"The checkpoint at step 7 in {folder} does not match the model (a different model, class count, "
-      "optimizer or config.optimizer.frozen?): "
-      "ema_params/dense/bias: checkpoint has shape (3,), model expects (4,); "
-      "ema_params/dense/kernel: checkpoint has shape (4, 3), model expects (4, 4); "
-      "opt_state/1/0/nu/dense/bias: checkpoint has shape (3,), model expects (4,); "
-      "opt_state/1/0/nu/dense/kernel: checkpoint has shape (4, 3), model expects (4, 4); "
-      "opt_state/1/2/trace/dense/bias: checkpoint has shape (3,), model expects (4,) (and 3 more)")
+    f"The checkpoint at step 7 in {folder} does not match the model (a different model, class count, "
+    "optimizer or config.optimizer.frozen?): "
+    "ema_params/dense/bias: checkpoint has shape (3,), model expects (4,); "
+    "ema_params/dense/kernel: checkpoint has shape (4, 3), model expects (4, 4); "
+    "opt_state/1/0/nu/dense/bias: checkpoint has shape (3,), model expects (4,); "
+    "opt_state/1/0/nu/dense/kernel: checkpoint has shape (4, 3), model expects (4, 4); "
+    "opt_state/1/2/trace/dense/bias: checkpoint has shape (3,), model expects (4,) (and 3 more)"
+  )
 
 
 def test_compatibility_names_missing_extra_and_reshaped_variables():
@@ -104,9 +110,10 @@ def test_compatibility_names_missing_extra_and_reshaped_variables():
   with pytest.raises(checkpoint.CheckpointMismatchError) as error:
     checkpoint.check_compatible(saved, expected, where="the export in /x")
   assert str(error.value) == (
-      "The export in /x does not match the model (a different model, class count, optimizer or "
-      "config.optimizer.frozen?): b/c: checkpoint has shape (4,), model expects (5,); new: missing from the "
-      "checkpoint (model expects shape (1, 2)); old: in the checkpoint (shape (1,)) but not in the model")
+    "The export in /x does not match the model (a different model, class count, optimizer or "
+    "config.optimizer.frozen?): b/c: checkpoint has shape (4,), model expects (5,); new: missing from the "
+    "checkpoint (model expects shape (1, 2)); old: in the checkpoint (shape (1,)) but not in the model"
+  )
   checkpoint.check_compatible(saved, saved)  # shapes are all it compares (dtypes are the template's)
 
 
@@ -148,10 +155,12 @@ def test_a_missing_or_mismatched_export_is_an_error_naming_the_folder(tmp_path):
   folder = str(tmp_path / checkpoint.EXPORT_DIR)
   checkpoint.save_inference_variables(folder, train.eval_variables(tiny_state(0)))
   other = jax.eval_shape(lambda: train.eval_variables(tiny_state(0, classes=10)))
-  with pytest.raises(checkpoint.CheckpointMismatchError,
-                     match=rf"^The exported variables in {re.escape(folder)} does not match the model .*"
-                           r"params/dense/bias: checkpoint has shape \(3,\), model expects \(10,\); "
-                           r"params/dense/kernel: checkpoint has shape \(4, 3\), model expects \(4, 10\)$"):
+  with pytest.raises(
+    checkpoint.CheckpointMismatchError,
+    match=rf"^The exported variables in {re.escape(folder)} does not match the model .*"
+    r"params/dense/bias: checkpoint has shape \(3,\), model expects \(10,\); "
+    r"params/dense/kernel: checkpoint has shape \(4, 3\), model expects \(4, 10\)$",
+  ):
     checkpoint.load_inference_variables(folder, other)
 
 

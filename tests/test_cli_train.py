@@ -21,8 +21,7 @@ from noisy_student.cpu import devices as host_devices
 # lowest: room for seed, process-count and platform noise, while a broken loss, schedule,
 # EMA or eval (e.g. raw weights with unconverged BN statistics) falls well below it.
 DIGITS_TOP1_BOUND = 0.92
-SUPERVISED = ("--config.mode=train", "--config.data.labeled=tfds:digits:train",
-              "--config.data.randaugment_layers=0")
+SUPERVISED = ("--config.mode=train", "--config.data.labeled=tfds:digits:train", "--config.data.randaugment_layers=0")
 
 
 def _steps(workdir):
@@ -78,15 +77,18 @@ def test_unknown_config_key_is_an_error_naming_it(tmp_path):
   result = run_cli(str(tmp_path / "w"), "--config.model.bn_momentun=0.9", timeout=120)
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
-  assert last == ("error: unknown config key '--config.model.bn_momentun' (configs are locked). "
-                  'Did you mean "bn_momentum" instead of "bn_momentun"?'), result.stderr[-2000:]
+  assert last == (
+    "error: unknown config key '--config.model.bn_momentun' (configs are locked). "
+    'Did you mean "bn_momentum" instead of "bn_momentun"?'
+  ), result.stderr[-2000:]
   assert "Traceback" not in result.stderr
   assert not os.path.exists(tmp_path / "w" / "config.json")
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-  result = run_cli(str(tmp_path / "w"), "--config.mode=train", "--config.data.labeled=tfds:not_a_dataset:train",
-                   timeout=180)
+  result = run_cli(
+    str(tmp_path / "w"), "--config.mode=train", "--config.data.labeled=tfds:not_a_dataset:train", timeout=180
+  )
   assert result.returncode == 1, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: DatasetNotPreparedError") and "not_a_dataset" in last, last
@@ -100,12 +102,22 @@ def _keys(d, prefix=""):
   return out
 
 
-@pytest.mark.parametrize("name,arg", [("imagenet", None), ("imagenet", "model=b7,stage=student"),
-                                      ("imagenet", "model=l2,stage=student"),
-                                      ("imagenet", "model=l2,stage=finetune"), ("cifar10", None),
-                                      ("cifar10", "student"), ("svhn", None), ("svhn", "student")])
+@pytest.mark.parametrize(
+  "name,arg",
+  [
+    ("imagenet", None),
+    ("imagenet", "model=b7,stage=student"),
+    ("imagenet", "model=l2,stage=student"),
+    ("imagenet", "model=l2,stage=finetune"),
+    ("cifar10", None),
+    ("cifar10", "student"),
+    ("svhn", None),
+    ("svhn", "student"),
+  ],
+)
 def test_configs_build_lock_and_share_the_digits_layout(name, arg):
   from noisy_student.models import MODEL_SPECS  # pylint: disable=g-import-not-at-top
+
   config = load_config(name, arg)
   assert _keys(config.to_dict()) == _keys(load_config("digits").to_dict())
   assert config.model.name in MODEL_SPECS
@@ -138,8 +150,7 @@ def test_imagenet_variants_follow_the_paper():
 
 
 def _losses(log):
-  return {int(step): float(loss)
-          for step, loss in re.findall(r"\[(\d+)\] (?:[^\n]*[ ,])?train/loss=([-\d.e]+)", log)}
+  return {int(step): float(loss) for step, loss in re.findall(r"\[(\d+)\] (?:[^\n]*[ ,])?train/loss=([-\d.e]+)", log)}
 
 
 @pytest.mark.slow
@@ -153,8 +164,13 @@ def test_cli_trains_on_one_cpu_device_per_core(tmp_path):
   split = run_cli(str(tmp_path / "split"), *SUPERVISED, *steps, env=env, timeout=400)
   assert split.returncode == 0, split.stderr[-3000:]
   assert f"{devices} cpu device(s) in this process" in split.stderr
-  chosen = run_cli(str(tmp_path / "chosen"), *SUPERVISED, *steps, timeout=400, env=dict(
-      subprocess_env(), XLA_FLAGS=f"{vectors} --xla_force_host_platform_device_count={devices}"))
+  chosen = run_cli(
+    str(tmp_path / "chosen"),
+    *SUPERVISED,
+    *steps,
+    timeout=400,
+    env=dict(subprocess_env(), XLA_FLAGS=f"{vectors} --xla_force_host_platform_device_count={devices}"),
+  )
   assert chosen.returncode == 0, chosen.stderr[-3000:]
   metrics = [json.loads((tmp_path / d / "eval.json").read_text()) for d in ("split", "chosen")]
   assert metrics[0] == metrics[1] and metrics[0]["step"] == 60
@@ -196,15 +212,23 @@ def test_two_processes_train_digits_like_one(tmp_path):
 def test_student_trains_on_labeled_plus_pseudo_labeled(data_dir, tmp_path):
   """A student run: soft pseudo-label TFRecords (DESIGN.md schema) mixed 1:1 into every batch."""
   from test_data_pipeline import write_pseudo_labels  # pylint: disable=g-import-not-at-top
+
   labels = tmp_path / "labels"
   labels.mkdir()
   write_pseudo_labels(data_dir, str(labels), num_shards=2, split="train[1000:1100]")
   workdir = str(tmp_path / "student")
-  result = run_cli(workdir, "--config.mode=train", "--config.select.enabled=False",
-                   "--config.data.labeled=tfds:digits:train[:200]", "--config.data.ratio=1",
-                   f"--config.data.unlabeled={labels}/labels-*.tfrecord", "--config.num_train_steps=10",
-                   "--config.log_every_steps=10", "--config.data.randaugment_layers=2",
-                   "--config.data.randaugment_magnitude=10")
+  result = run_cli(
+    workdir,
+    "--config.mode=train",
+    "--config.select.enabled=False",
+    "--config.data.labeled=tfds:digits:train[:200]",
+    "--config.data.ratio=1",
+    f"--config.data.unlabeled={labels}/labels-*.tfrecord",
+    "--config.num_train_steps=10",
+    "--config.log_every_steps=10",
+    "--config.data.randaugment_layers=2",
+    "--config.data.randaugment_magnitude=10",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   scalars = dict(re.findall(r"train/(\w+)=([-\d.e]+)", result.stderr))
   # Random Dirichlet soft labels over 10 classes: soft cross-entropy near log(10) + KL, far from 0.

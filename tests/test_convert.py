@@ -25,8 +25,9 @@ try:
 except ImportError:  # the TF checkpoint tests below do not need it
   keras = None
 requires_keras_jax = pytest.mark.skipif(
-    keras is None or keras.backend.backend() != "jax",
-    reason="needs keras on the JAX backend (KERAS_BACKEND=jax before keras is first imported)")
+  keras is None or keras.backend.backend() != "jax",
+  reason="needs keras on the JAX backend (KERAS_BACKEND=jax before keras is first imported)",
+)
 
 MEAN = np.asarray(convert.IMAGENET_MEAN_RGB, np.float32)
 STD = np.asarray(convert.IMAGENET_STDDEV_RGB, np.float32)
@@ -58,12 +59,14 @@ def build_keras(model_name, size, seed=0, imagenet_normalization=True):
   zeros instead when Keras lets us.
   """
   from keras.src.applications import efficientnet as keras_efficientnet
+
   saved = (keras_efficientnet.CONV_KERNEL_INITIALIZER, keras_efficientnet.DENSE_KERNEL_INITIALIZER)
   keras_efficientnet.CONV_KERNEL_INITIALIZER = "zeros"
   keras_efficientnet.DENSE_KERNEL_INITIALIZER = "zeros"
   try:
     model = getattr(keras.applications, KERAS_MODELS[model_name])(
-        weights=None, input_shape=(size, size, 3), classifier_activation=None)
+      weights=None, input_shape=(size, size, 3), classifier_activation=None
+    )
   finally:
     keras_efficientnet.CONV_KERNEL_INITIALIZER, keras_efficientnet.DENSE_KERNEL_INITIALIZER = saved
 
@@ -75,8 +78,7 @@ def build_keras(model_name, size, seed=0, imagenet_normalization=True):
     for w in layer.weights:
       shape = tuple(w.shape)
       if w.name == "kernel":  # fan-in scaled, so the input still matters after 16-26 blocks
-        fan_in = shape[0] if kind == "Dense" else (
-            shape[0] * shape[1] * (1 if kind == "DepthwiseConv2D" else shape[2]))
+        fan_in = shape[0] if kind == "Dense" else (shape[0] * shape[1] * (1 if kind == "DepthwiseConv2D" else shape[2]))
         value = rng.normal(size=shape) * np.sqrt((1.0 if kind == "Dense" else 2.0) / fan_in)
       elif w.name == "gamma":
         value = rng.uniform(0.5, 1.5, shape)
@@ -89,7 +91,7 @@ def build_keras(model_name, size, seed=0, imagenet_normalization=True):
       w.assign(value.astype(np.float32))
 
   # Keras numbers layer names per process (normalization_1, ...): find it by type.
-  norm = next(l for l in model.layers if type(l).__name__ == "Normalization")
+  norm = next(layer for layer in model.layers if type(layer).__name__ == "Normalization")
   if imagenet_normalization:
     norm.adapt_mean.assign(MEAN)
     norm.adapt_variance.assign(np.square(STD))
@@ -101,27 +103,28 @@ def build_keras(model_name, size, seed=0, imagenet_normalization=True):
   # momentum 0, no dropout), then perturbed. Every batch norm then roughly
   # normalizes, so the logits stay O(1) yet depend on the input; fully random
   # statistics make the deeper models either explode or forget their input.
-  bns = [l for l in model.layers if type(l).__name__ == "BatchNormalization"]
-  for l in bns:
-    l.momentum = 0.0
-  for l in model.layers:
-    if type(l).__name__ == "Dropout":
-      l.rate = 0.0
+  bns = [layer for layer in model.layers if type(layer).__name__ == "BatchNormalization"]
+  for layer in bns:
+    layer.momentum = 0.0
+  for layer in model.layers:
+    if type(layer).__name__ == "Dropout":
+      layer.rate = 0.0
   # Eager Keras takes ~25 s for this pass; compiled, a few.
   calibrate = jax.jit(lambda t, n, x: model.stateless_call(t, n, x, training=True)[1])
-  stats = calibrate([v.value for v in model.trainable_variables],
-                    [v.value for v in model.non_trainable_variables],
-                    pixels(size, batch=2 if size > 200 else 8, seed=seed + 100))
+  stats = calibrate(
+    [v.value for v in model.trainable_variables],
+    [v.value for v in model.non_trainable_variables],
+    pixels(size, batch=2 if size > 200 else 8, seed=seed + 100),
+  )
   for variable, value in zip(model.non_trainable_variables, stats):
     variable.assign(value)
-  for l in bns:
-    var = np.asarray(l.moving_variance.numpy())
+  for layer in bns:
+    var = np.asarray(layer.moving_variance.numpy())
     # Channels nearly constant over the calibration batch would amplify
     # float32 rounding without bound on other images: floor their variance.
     std = np.sqrt(np.maximum(var, 0.1 * var.mean()))
-    l.moving_mean.assign((l.moving_mean.numpy() + 0.2 * std * rng.normal(size=std.shape))
-                         .astype(np.float32))
-    l.moving_variance.assign((std ** 2 * rng.uniform(0.7, 1.4, std.shape)).astype(np.float32))
+    layer.moving_mean.assign((layer.moving_mean.numpy() + 0.2 * std * rng.normal(size=std.shape)).astype(np.float32))
+    layer.moving_variance.assign((std**2 * rng.uniform(0.7, 1.4, std.shape)).astype(np.float32))
 
   return model
 
@@ -135,8 +138,7 @@ def pixels(size, batch=2, seed=1):
   rng = np.random.default_rng(seed)
   cell = -(-size // 4)
   coarse = np.kron(rng.uniform(0, 255, (batch, 4, 4, 3)), np.ones((1, cell, cell, 1)))
-  return (0.8 * coarse[:, :size, :size] + rng.uniform(0, 51, (batch, size, size, 3))
-          ).astype(np.float32)
+  return (0.8 * coarse[:, :size, :size] + rng.uniform(0, 51, (batch, size, size, 3))).astype(np.float32)
 
 
 def check_keras_parity(model_name, size):
@@ -171,17 +173,15 @@ def test_keras_variables_land_where_expected():
   v = convert.from_keras(kmodel)
   get = lambda layer, i: np.asarray(kmodel.get_layer(layer).weights[i].numpy())
   # block2b is the flat block 2 (stage 1 has one block); depthwise [k,k,C,1] -> [k,k,1,C].
-  np.testing.assert_array_equal(v["params"]["blocks_2"]["depthwise_conv"]["kernel"],
-                                get("block2b_dwconv", 0).transpose(0, 1, 3, 2))
-  np.testing.assert_array_equal(v["params"]["blocks_2"]["se"]["expand"]["bias"],
-                                get("block2b_se_expand", 1))
-  np.testing.assert_array_equal(v["batch_stats"]["blocks_15"]["project_bn"]["var"],
-                                get("block7a_project_bn", 3))
+  np.testing.assert_array_equal(
+    v["params"]["blocks_2"]["depthwise_conv"]["kernel"], get("block2b_dwconv", 0).transpose(0, 1, 3, 2)
+  )
+  np.testing.assert_array_equal(v["params"]["blocks_2"]["se"]["expand"]["bias"], get("block2b_se_expand", 1))
+  np.testing.assert_array_equal(v["batch_stats"]["blocks_15"]["project_bn"]["var"], get("block7a_project_bn", 3))
   np.testing.assert_array_equal(v["params"]["head_bn"]["scale"], get("top_bn", 0))
   np.testing.assert_array_equal(v["params"]["classifier"]["kernel"], get("predictions", 0))
   leaves = jax.tree.leaves(v)
-  keras_weights = sum(len(l.weights) for l in kmodel.layers
-                      if type(l).__name__ != "Normalization")
+  keras_weights = sum(len(layer.weights) for layer in kmodel.layers if type(layer).__name__ != "Normalization")
   assert len(leaves) == keras_weights
 
 
@@ -207,8 +207,7 @@ def test_keras_input_transform_of_imagenet_weights_layout():
   layers = keras.layers
   inputs = keras.Input((4, 4, 3))
   x = layers.Rescaling(1 / 255)(inputs)
-  x = layers.Normalization(mean=list(convert.IMAGENET_MEAN_RGB),
-                           variance=list(convert.IMAGENET_STDDEV_RGB))(x)
+  x = layers.Normalization(mean=list(convert.IMAGENET_MEAN_RGB), variance=list(convert.IMAGENET_STDDEV_RGB))(x)
   x = layers.Rescaling([1 / np.sqrt(s) for s in convert.IMAGENET_STDDEV_RGB])(x)
   x = layers.ZeroPadding2D(name="stem_conv_pad")(x)
   model = keras.Model(inputs, x)
@@ -217,8 +216,7 @@ def test_keras_input_transform_of_imagenet_weights_layout():
   np.testing.assert_allclose(scale, want_scale, rtol=1e-6)
   np.testing.assert_allclose(offset, want_offset, rtol=1e-6)
   raw = pixels(4)
-  np.testing.assert_allclose(np.asarray(model(raw))[:, 1:-1, 1:-1], normalize(raw),
-                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(model(raw))[:, 1:-1, 1:-1], normalize(raw), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------
@@ -252,8 +250,7 @@ def official_names(params):
       names[("params", b, conv, "kernel")] = f"{TINY}/{b}/conv2d{'_1' if i else ''}/kernel"
     for i, norm in enumerate(bns):
       bn((b, norm), f"{b}/tpu_batch_normalization{f'_{i}' if i else ''}")
-    names[("params", b, "depthwise_conv", "kernel")] = (
-        f"{TINY}/{b}/depthwise_conv2d/depthwise_kernel")
+    names[("params", b, "depthwise_conv", "kernel")] = f"{TINY}/{b}/depthwise_conv2d/depthwise_kernel"
     for ours_name, tf_layer in (("reduce", "conv2d"), ("expand", "conv2d_1")):
       for leaf in ("kernel", "bias"):
         names[("params", b, "se", ours_name, leaf)] = f"{TINY}/{b}/se/{tf_layer}/{leaf}"
@@ -298,6 +295,7 @@ def tiny_reference(num_classes=10):
 def write_checkpoint(directory, tensors):
   """A TF1 name-based checkpoint (as the official trainer writes) with exactly these names."""
   import tensorflow as tf
+
   tf.config.set_visible_devices([], "GPU")
   var_list = {name: tf.Variable(value) for name, value in tensors.items()}
   saver = tf.compat.v1.train.Saver(var_list=var_list)
@@ -330,43 +328,42 @@ def test_tf_checkpoint_loads_with_ema_everywhere(tiny_checkpoint):
     for key in want:
       np.testing.assert_array_equal(flat[key], want[key], err_msg="/".join(key))
     assert loaded["params"]["classifier"]["kernel"].shape == (
-        reference["params"]["classifier"]["kernel"].shape)  # num_classes=10 inferred
+      reference["params"]["classifier"]["kernel"].shape
+    )  # num_classes=10 inferred
 
   # Spot checks written out by hand: the EMA copy wins, layouts change as documented.
   p, s = loaded["params"], loaded["batch_stats"]
   np.testing.assert_array_equal(  # block 0 has no expansion: conv2d is the projection
-      p["blocks_0"]["project_conv"]["kernel"], ema[f"{TINY}/blocks_0/conv2d/kernel"])
-  np.testing.assert_array_equal(
-      p["blocks_1"]["expand_conv"]["kernel"], ema[f"{TINY}/blocks_1/conv2d/kernel"])
-  np.testing.assert_array_equal(
-      p["blocks_1"]["project_conv"]["kernel"], ema[f"{TINY}/blocks_1/conv2d_1/kernel"])
+    p["blocks_0"]["project_conv"]["kernel"], ema[f"{TINY}/blocks_0/conv2d/kernel"]
+  )
+  np.testing.assert_array_equal(p["blocks_1"]["expand_conv"]["kernel"], ema[f"{TINY}/blocks_1/conv2d/kernel"])
+  np.testing.assert_array_equal(p["blocks_1"]["project_conv"]["kernel"], ema[f"{TINY}/blocks_1/conv2d_1/kernel"])
   dw = ema[f"{TINY}/blocks_1/depthwise_conv2d/depthwise_kernel"]
   assert dw.shape[-1] == 1 and p["blocks_1"]["depthwise_conv"]["kernel"].shape[-2] == 1
-  np.testing.assert_array_equal(p["blocks_1"]["depthwise_conv"]["kernel"][:, :, 0, :],
-                                dw[:, :, :, 0])
+  np.testing.assert_array_equal(p["blocks_1"]["depthwise_conv"]["kernel"][:, :, 0, :], dw[:, :, :, 0])
   np.testing.assert_array_equal(
-      s["blocks_1"]["project_bn"]["var"],
-      ema[f"{TINY}/blocks_1/tpu_batch_normalization_2/moving_variance"])
+    s["blocks_1"]["project_bn"]["var"], ema[f"{TINY}/blocks_1/tpu_batch_normalization_2/moving_variance"]
+  )
   np.testing.assert_array_equal(
-      s["blocks_0"]["project_bn"]["mean"],
-      ema[f"{TINY}/blocks_0/tpu_batch_normalization_1/moving_mean"])
-  np.testing.assert_array_equal(p["head_bn"]["bias"],
-                                ema[f"{TINY}/head/tpu_batch_normalization/beta"])
+    s["blocks_0"]["project_bn"]["mean"], ema[f"{TINY}/blocks_0/tpu_batch_normalization_1/moving_mean"]
+  )
+  np.testing.assert_array_equal(p["head_bn"]["bias"], ema[f"{TINY}/head/tpu_batch_normalization/beta"])
   assert not np.allclose(p["classifier"]["bias"], raw[f"{TINY}/head/dense/bias"])
 
   # Same function as the model the checkpoint was written from.
   x = np.random.default_rng(5).normal(size=(2, 19, 19, 3)).astype(np.float32)
-  np.testing.assert_allclose(ours(TINY, loaded, x, num_classes=10),
-                             ours(TINY, reference, x, num_classes=10), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    ours(TINY, loaded, x, num_classes=10), ours(TINY, reference, x, num_classes=10), rtol=1e-6, atol=1e-6
+  )
 
 
 def test_tf_variables_without_ema_use_raw():
   _, ema, raw = tiny_reference()
   loaded = convert.tf_variables_to_flax(raw, TINY)
-  np.testing.assert_array_equal(loaded["params"]["stem_conv"]["kernel"],
-                                raw[f"{TINY}/stem/conv2d/kernel"])
-  np.testing.assert_array_equal(loaded["batch_stats"]["stem_bn"]["mean"],
-                                raw[f"{TINY}/stem/tpu_batch_normalization/moving_mean"])
+  np.testing.assert_array_equal(loaded["params"]["stem_conv"]["kernel"], raw[f"{TINY}/stem/conv2d/kernel"])
+  np.testing.assert_array_equal(
+    loaded["batch_stats"]["stem_bn"]["mean"], raw[f"{TINY}/stem/tpu_batch_normalization/moving_mean"]
+  )
 
 
 def test_tf_missing_extra_and_misshaped_variables_are_named():
@@ -374,27 +371,39 @@ def test_tf_missing_extra_and_misshaped_variables_are_named():
 
   missing = dict(ema)
   del missing[f"{TINY}/blocks_2/se/conv2d_1/bias"]
-  with pytest.raises(ValueError, match=r"missing \(1\):\n.*blocks_2/se/conv2d_1/bias "
-                                       r"\(expected shape \[\d+\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"missing \(1\):\n.*blocks_2/se/conv2d_1/bias "
+    r"\(expected shape \[\d+\]",
+  ):
     convert.tf_variables_to_flax(missing, TINY)
 
   extra = dict(ema)
   extra[f"{TINY}/blocks_0/conv2d_7/kernel"] = np.zeros((1, 1, 8, 8), np.float32)
   extra[f"{TINY}/blocks_0/conv2d_7/kernel/RMSProp"] = np.zeros((1, 1, 8, 8), np.float32)
-  with pytest.raises(ValueError, match=r"unexpected .*\(1\):\n.*blocks_0/conv2d_7/kernel "
-                                       r"\(shape \[1, 1, 8, 8\]\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"unexpected .*\(1\):\n.*blocks_0/conv2d_7/kernel "
+    r"\(shape \[1, 1, 8, 8\]\)",
+  ):
     convert.tf_variables_to_flax(extra, TINY)
 
   name = f"{TINY}/blocks_1/depthwise_conv2d/depthwise_kernel"
   misshaped = dict(ema)
   k, _, c, _ = ema[name].shape
   misshaped[name] = np.zeros((k, k, 1, c), np.float32)  # already in Flax layout: wrong for TF
-  with pytest.raises(ValueError, match=rf"wrong shape \(1\):\n.*{name}: expected shape "
-                                       rf"\[{k}, {k}, {c}, 1\], found \[{k}, {k}, 1, {c}\]"):
+  with pytest.raises(
+    ValueError,
+    match=rf"wrong shape \(1\):\n.*{name}: expected shape "
+    rf"\[{k}, {k}, {c}, 1\], found \[{k}, {k}, 1, {c}\]",
+  ):
     convert.tf_variables_to_flax(misshaped, TINY)
 
-  with pytest.raises(ValueError, match=r"head/dense/kernel: expected shape \[\d+, 7\], "
-                                       r"found \[\d+, 10\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"head/dense/kernel: expected shape \[\d+, 7\], "
+    r"found \[\d+, 10\]",
+  ):
     convert.tf_variables_to_flax(ema, TINY, num_classes=7)
 
   with pytest.raises(ValueError, match="variables are under efficientnet-tiny/"):

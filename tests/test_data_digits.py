@@ -47,8 +47,7 @@ def test_pixels_match_scikit_learn(data_dir):
 def test_split_expressions_work_like_any_dataset(data_dir):
   src = sources.open_source("tfds:digits:train[:100]", data_dir=data_dir, process_index=0, process_count=1)
   assert src.num_examples == 100 and src.num_classes == 10
-  src = sources.open_source("tfds:digits:train[:10%]+test[:7]", data_dir=data_dir, process_index=0,
-                            process_count=1)
+  src = sources.open_source("tfds:digits:train[:10%]+test[:7]", data_dir=data_dir, process_index=0, process_count=1)
   assert src.num_examples == 137
 
 

@@ -50,9 +50,17 @@ DISTRIBUTED = textwrap.dedent("""
 
 
 def _run_all(scripts_args):
-  procs = [subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env(2), cwd=REPO)
-           for script, args in scripts_args]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", script, *args],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=subprocess_env(2),
+      cwd=REPO,
+    )
+    for script, args in scripts_args
+  ]
   outs = []
   for p in procs:
     out, err = p.communicate(timeout=300)
@@ -63,8 +71,7 @@ def _run_all(scripts_args):
 
 def test_two_processes_read_disjoint_parts_covering_the_split(data_dir):
   parts = _run_all([(READ_PART, [data_dir, str(i), "2"]) for i in range(2)])
-  whole = sources.open_source("tfds:digits:train", data_dir=data_dir, with_key=True, process_index=0,
-                              process_count=1)
+  whole = sources.open_source("tfds:digits:train", data_dir=data_dir, with_key=True, process_index=0, process_count=1)
   whole_keys = [e["key"].decode() for e in whole.dataset.as_numpy_iterator()]
   a, b = set(parts[0]["keys"]), set(parts[1]["keys"])
   assert [p["n"] for p in parts] == [650, 650]

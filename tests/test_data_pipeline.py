@@ -14,8 +14,10 @@ ONE = dict(process_index=0, process_count=1)
 
 
 def _example(encoded, key, probs=None, topk=None, label=None):
-  f = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
-       "image/key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[key]))}
+  f = {
+    "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
+    "image/key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[key])),
+  }
   if probs is not None:
     f["probabilities"] = tf.train.Feature(float_list=tf.train.FloatList(value=probs))
     f["label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(np.argmax(probs))]))
@@ -72,8 +74,12 @@ def test_unlabeled_source_drops_labels_and_keys_are_stable(data_dir):
   ex = next(src.dataset.as_numpy_iterator())
   assert set(ex) == {"image", "key"} and ex["image"][:4] == b"\x89PNG"
   keys1 = [e["key"] for e in src.dataset.as_numpy_iterator()]
-  keys2 = [e["key"] for e in sources.open_source("tfds:digits:train[:20]", data_dir=data_dir,
-                                                 with_key=True, **ONE).dataset.as_numpy_iterator()]
+  keys2 = [
+    e["key"]
+    for e in sources.open_source(
+      "tfds:digits:train[:20]", data_dir=data_dir, with_key=True, **ONE
+    ).dataset.as_numpy_iterator()
+  ]
   assert keys1 == keys2 and len(set(keys1)) == 20
 
 
@@ -88,8 +94,12 @@ def test_pseudo_label_tfrecords(data_dir, tmp_path, mode):
     target = e["probabilities"] if "probabilities" in e else np.eye(10)[e["label"]]
     np.testing.assert_allclose(target, expected[e["key"]], rtol=1e-6)
   # Two processes read disjoint file shards covering everything.
-  parts = [sources.open_source(str(tmp_path / "labels-*.tfrecord"), with_key=True, num_classes=10,
-                               process_index=i, process_count=2) for i in range(2)]
+  parts = [
+    sources.open_source(
+      str(tmp_path / "labels-*.tfrecord"), with_key=True, num_classes=10, process_index=i, process_count=2
+    )
+    for i in range(2)
+  ]
   keys = [{e["key"] for e in p.dataset.as_numpy_iterator()} for p in parts]
   assert not keys[0] & keys[1] and keys[0] | keys[1] == set(expected)
   assert [p.num_examples for p in parts] == [60, 30]
@@ -98,8 +108,11 @@ def test_pseudo_label_tfrecords(data_dir, tmp_path, mode):
 def test_bad_pseudo_label_records_name_file_and_key(data_dir, tmp_path):
   path = tmp_path / "labels-00000-of-00001.tfrecord"
   with tf.io.TFRecordWriter(str(path)) as w:
-    w.write(tf.train.Example(features=tf.train.Features(feature={
-        "image/key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"k"]))})).SerializeToString())
+    w.write(
+      tf.train.Example(
+        features=tf.train.Features(feature={"image/key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"k"]))})
+      ).SerializeToString()
+    )
   with pytest.raises(ValueError, match=r"labels-00000-of-00001.tfrecord.*'image/encoded'"):
     sources.open_source(str(path), **ONE)
   write_pseudo_labels(data_dir, tmp_path, num_shards=1)
@@ -110,17 +123,21 @@ def test_bad_pseudo_label_records_name_file_and_key(data_dir, tmp_path):
 # ------------------------------------------------------------------------------------------- train
 
 
-@pytest.mark.parametrize("name,size,crop,eval_crop,classes", [
+@pytest.mark.parametrize(
+  "name,size,crop,eval_crop,classes",
+  [
     ("imagenet2012", 224, "inception", "center", 1000),
     ("cifar10", 32, "pad_crop", "resize", 10),
     ("svhn_cropped", 32, "pad_crop", "resize", 10),
-])
+  ],
+)
 def test_mocked_tfds_datasets_through_train_and_eval(name, size, crop, eval_crop, classes):
   mesh = sharding.create_mesh()
   with tfds.testing.mock_data(num_examples=12):
     src = sources.open_source(f"tfds:{name}:train", **ONE)
-    it = pipeline.train_iterator(src, labeled_batch=8, image_size=size, seed=0, mesh=mesh, crop=crop,
-                                 noise=pipeline.Noise(2, 15))
+    it = pipeline.train_iterator(
+      src, labeled_batch=8, image_size=size, seed=0, mesh=mesh, crop=crop, noise=pipeline.Noise(2, 15)
+    )
     batch = next(it)
     assert batch["image"].shape == (8, size, size, 3) and batch["image"].dtype == np.uint8
     assert batch["targets"].shape == (8, classes)
@@ -129,11 +146,10 @@ def test_mocked_tfds_datasets_through_train_and_eval(name, size, crop, eval_crop
     assert batch["image"].sharding == sharding.batch_sharding(mesh)
     assert len(batch["image"].addressable_shards) == 8
     eval_src = sources.open_source(f"tfds:{name}:test", **ONE)
-    batches = list(pipeline.eval_iterator(eval_src, global_batch=8, image_size=size, crop=eval_crop,
-                                          mesh=mesh))
+    batches = list(pipeline.eval_iterator(eval_src, global_batch=8, image_size=size, crop=eval_crop, mesh=mesh))
   assert [b["image"].shape for b in batches] == [(8, size, size, 3)] * 2
   assert sum(int(np.asarray(b["mask"]).sum()) for b in batches) == 12
-  assert all(0 <= int(l) < classes for b in batches for l in np.asarray(b["label"]))
+  assert all(0 <= int(label) < classes for b in batches for label in np.asarray(b["label"]))
 
 
 def _small_train(data_dir, tmp_path, start_step, steps, **kw):
@@ -141,8 +157,18 @@ def _small_train(data_dir, tmp_path, start_step, steps, **kw):
   labeled = sources.open_source("tfds:digits:train[:50]", data_dir=data_dir, **ONE)
   pseudo = sources.open_source(str(tmp_path / "labels-*.tfrecord"), num_classes=10, **ONE)
   kw = dict(dict(batch_size=16, unlabeled_batch_size=32), **kw)
-  ds = pipeline.train_dataset(labeled, image_size=16, seed=42, start_step=start_step, unlabeled=pseudo,
-                              crop="pad_crop", pad=2, flip=False, noise=pipeline.Noise(2, 9), **kw)
+  ds = pipeline.train_dataset(
+    labeled,
+    image_size=16,
+    seed=42,
+    start_step=start_step,
+    unlabeled=pseudo,
+    crop="pad_crop",
+    pad=2,
+    flip=False,
+    noise=pipeline.Noise(2, 9),
+    **kw,
+  )
   return list(ds.take(steps).as_numpy_iterator())
 
 
@@ -151,8 +177,10 @@ def test_global_order_gives_each_process_its_rows_of_the_one_process_batches(dat
   one-process batches (augmentations included), from step 0 and after a resume at step 4."""
   for start in (0, 4):
     whole = _small_train(data_dir, tmp_path, start, 3)
-    halves = [_small_train(data_dir, tmp_path, start, 3, global_rows=(p, 2), batch_size=8,
-                           unlabeled_batch_size=16) for p in range(2)]
+    halves = [
+      _small_train(data_dir, tmp_path, start, 3, global_rows=(p, 2), batch_size=8, unlabeled_batch_size=16)
+      for p in range(2)
+    ]
     for step, batch in enumerate(whole):
       for k in batch:
         lab = np.concatenate([halves[0][step][k][:8], halves[1][step][k][:8]])
@@ -177,8 +205,19 @@ def test_train_batch_spec_is_what_the_iterator_yields(data_dir, tmp_path):
   mesh = sharding.create_mesh()
   labeled = sources.open_source("tfds:digits:train[:50]", data_dir=data_dir, **ONE)
   pseudo = sources.open_source(str(tmp_path / "labels-*.tfrecord"), num_classes=10, **ONE)
-  batch = next(pipeline.train_iterator(labeled, labeled_batch=8, image_size=16, seed=0, unlabeled=pseudo,
-                                       ratio=3, mesh=mesh, crop="resize", noise=pipeline.Noise(2, 5)))
+  batch = next(
+    pipeline.train_iterator(
+      labeled,
+      labeled_batch=8,
+      image_size=16,
+      seed=0,
+      unlabeled=pseudo,
+      ratio=3,
+      mesh=mesh,
+      crop="resize",
+      noise=pipeline.Noise(2, 5),
+    )
+  )
   spec = pipeline.train_batch_spec(32, 16, 10, mesh)
   assert set(spec) == set(batch)
   for k, array in batch.items():
@@ -199,7 +238,7 @@ def test_resume_gives_the_same_batches(data_dir, tmp_path, cache):
 def test_every_epoch_is_a_new_permutation(data_dir):
   src = sources.open_source("tfds:digits:train[:40]", data_dir=data_dir, with_key=True, **ONE)
   keys = [e[1]["key"] for e in pipeline.stream(src, start=0, seed=1, stream_id=0).take(120).as_numpy_iterator()]
-  epochs = [keys[i * 40:(i + 1) * 40] for i in range(3)]
+  epochs = [keys[i * 40 : (i + 1) * 40] for i in range(3)]
   all_keys = {e["key"] for e in src.dataset.as_numpy_iterator()}
   for ep in epochs:
     assert set(ep) == all_keys and len(ep) == 40
@@ -237,8 +276,7 @@ def test_eval_iterator_sets_up_in_the_call(data_dir, monkeypatch):
 def test_eval_counts_every_example_once(data_dir, devices):
   mesh = sharding.create_mesh(devices=jax.devices()[:devices])
   src = sources.open_source("tfds:digits:test", data_dir=data_dir, with_key=True, **ONE)
-  batches = list(pipeline.eval_iterator(src, global_batch=64, image_size=8, crop="resize", mesh=mesh,
-                                        with_raw=True))
+  batches = list(pipeline.eval_iterator(src, global_batch=64, image_size=8, crop="resize", mesh=mesh, with_raw=True))
   assert len(batches) == 8  # ceil(497 / 64)
   masks = np.concatenate([np.asarray(b["mask"]) for b in batches])
   labels = np.concatenate([np.asarray(b["label"]) for b in batches])
@@ -253,8 +291,11 @@ def test_eval_batches_are_uint8_pixels_that_standardize_to_the_tf_floats(data_di
   """Eval batches carry the eval crop's uint8 pixels (padding rows zeros) with their keys; a step's
   normalize_pixels of them is the tf standardization of the same crops, bit for bit, for each normalization."""
   src = sources.open_source("tfds:digits:test[:40]", data_dir=data_dir, with_key=True, **ONE)
-  pixels = list(pipeline.eval_dataset(src, batch_size=16, num_batches=3, image_size=8, crop="resize",
-                                      with_raw=True).as_numpy_iterator())
+  pixels = list(
+    pipeline.eval_dataset(
+      src, batch_size=16, num_batches=3, image_size=8, crop="resize", with_raw=True
+    ).as_numpy_iterator()
+  )
   examples = list(src.dataset.as_numpy_iterator())
   crops = np.stack([preprocess.eval_image(ex["image"], 8, crop="resize").numpy() for ex in examples])
   assert len(pixels) == 3
@@ -273,8 +314,10 @@ def test_pipelines_run_without_the_autotune_thread(data_dir):
   """tf.data's autotuning thread made iterator teardown wait up to ~9 s beside jax (see _options)."""
   src = sources.open_source("tfds:digits:test[:40]", data_dir=data_dir, with_key=True, **ONE)
   train = sources.open_source("tfds:digits:train[:40]", data_dir=data_dir, **ONE)
-  for ds in (pipeline.eval_dataset(src, batch_size=16, num_batches=3, image_size=8, crop="resize"),
-             pipeline.train_dataset(train, batch_size=8, image_size=8, seed=0, crop="resize")):
+  for ds in (
+    pipeline.eval_dataset(src, batch_size=16, num_batches=3, image_size=8, crop="resize"),
+    pipeline.train_dataset(train, batch_size=8, image_size=8, seed=0, crop="resize"),
+  ):
     assert ds.options().autotune.enabled is False
 
 
@@ -282,13 +325,13 @@ def test_eval_parts_of_three_processes_cover_the_split(data_dir):
   """Each of 3 processes runs the same number of padded batches; masks count every example once."""
   keys, nums = [], set()
   for i in range(3):
-    src = sources.open_source("tfds:digits:test", data_dir=data_dir, with_key=True, process_index=i,
-                              process_count=3)
+    src = sources.open_source("tfds:digits:test", data_dir=data_dir, with_key=True, process_index=i, process_count=3)
     assert src.max_process_examples == 166  # 497 = 166 + 166 + 165
     n = pipeline.eval_num_batches(src, 16)
     nums.add(n)
-    for b in pipeline.eval_dataset(src, batch_size=16, num_batches=n, image_size=8, crop="resize",
-                                   with_raw=True).as_numpy_iterator():
+    for b in pipeline.eval_dataset(
+      src, batch_size=16, num_batches=n, image_size=8, crop="resize", with_raw=True
+    ).as_numpy_iterator():
       keys += [k for k, m in zip(b["key"], b["mask"]) if m]
   assert nums == {11} and len(keys) == len(set(keys)) == 497
 
@@ -297,11 +340,17 @@ def test_eval_start_batch_equals_the_tail_of_a_full_pass(data_dir):
   """A resumed labeling job starts at a batch: the same batches as the full pass from there, padding
   included, even when only padding is left (5 real batches, 7 in all)."""
   src = sources.open_source("tfds:digits:test[:37]", data_dir=data_dir, with_key=True, **ONE)
-  full = list(pipeline.eval_dataset(src, batch_size=8, num_batches=7, image_size=8, crop="resize",
-                                    with_raw=True).as_numpy_iterator())
+  full = list(
+    pipeline.eval_dataset(
+      src, batch_size=8, num_batches=7, image_size=8, crop="resize", with_raw=True
+    ).as_numpy_iterator()
+  )
   for start in (0, 2, 4, 5, 6):
-    tail = list(pipeline.eval_dataset(src, batch_size=8, num_batches=7, image_size=8, crop="resize",
-                                      with_raw=True, start_batch=start).as_numpy_iterator())
+    tail = list(
+      pipeline.eval_dataset(
+        src, batch_size=8, num_batches=7, image_size=8, crop="resize", with_raw=True, start_batch=start
+      ).as_numpy_iterator()
+    )
     assert len(tail) == 7 - start
     for a, b in zip(full[start:], tail):
       for k in a:
@@ -315,16 +364,20 @@ def test_small_image_noise_is_the_official_order_and_sizes():
   by hand (TranslateX at M = 10 moves 32 // 8 = 4 px; the Cutout square is cropped and mirrored with the
   image)."""
   from noisy_student.data import randaugment as ra
+
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
   translate = ra.OPS.index("TranslateX")
-  draws = {"op": tf.constant([[translate, ra.OPS.index("Invert")]] * 3, tf.int32),
-           "negate": tf.constant([[False, False], [True, False], [False, False]]),
-           "center": tf.zeros([3, 2, 2], tf.int32)}
+  draws = {
+    "op": tf.constant([[translate, ra.OPS.index("Invert")]] * 3, tf.int32),
+    "negate": tf.constant([[False, False], [True, False], [False, False]]),
+    "center": tf.zeros([3, 2, 2], tf.int32),
+  }
   centers = np.array([[10, 20], [0, 0], [31, 5]], np.int32)
   crops = {"offset": tf.constant([[0, 8], [4, 4], [8, 0]], tf.int32), "flip": tf.constant([False, True, True])}
-  out = pipeline._small_image_noise(tf.constant(images), draws, tf.constant(centers), crops,
-                                    pipeline.Noise(2, 10.0), pad=4, size=32).numpy()
+  out = pipeline._small_image_noise(
+    tf.constant(images), draws, tf.constant(centers), crops, pipeline.Noise(2, 10.0), pad=4, size=32
+  ).numpy()
   for i, image in enumerate(images):
     shifted = np.full_like(image, 128)
     if draws["negate"][i, 0]:
@@ -333,10 +386,10 @@ def test_small_image_noise_is_the_official_order_and_sizes():
       shifted[:, 4:] = image[:, :-4]  # right by 4
     expected = 255 - shifted
     cy, cx = centers[i]
-    expected[max(cy - 8, 0):cy + 8, max(cx - 8, 0):cx + 8] = 128
+    expected[max(cy - 8, 0) : cy + 8, max(cx - 8, 0) : cx + 8] = 128
     padded = np.pad(expected, [[4, 4], [4, 4], [0, 0]], mode="reflect")
     y, x = np.asarray(crops["offset"][i])
-    window = padded[y:y + 32, x:x + 32]
+    window = padded[y : y + 32, x : x + 32]
     np.testing.assert_array_equal(out[i], window[:, ::-1] if crops["flip"][i] else window, err_msg=str(i))
 
 
@@ -346,11 +399,12 @@ def test_pad_crop_batch_equals_per_image_pad_crop():
   images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
   seeds = [tf.constant([s, 7], tf.int64) for s in range(8)]
   draws = [preprocess.pad_crop_draw(s, 2, flip=True) for s in seeds]
-  batch = preprocess.pad_crop_batch(tf.constant(images), tf.stack([d["offset"] for d in draws]),
-                                    tf.stack([d["flip"] for d in draws]), 2).numpy()
+  batch = preprocess.pad_crop_batch(
+    tf.constant(images), tf.stack([d["offset"] for d in draws]), tf.stack([d["flip"] for d in draws]), 2
+  ).numpy()
   for i, (s, d) in enumerate(zip(seeds, draws)):
     y, x = np.asarray(d["offset"])
-    window = np.pad(images[i], [[2, 2], [2, 2], [0, 0]], mode="reflect")[y:y + 16, x:x + 16]
+    window = np.pad(images[i], [[2, 2], [2, 2], [0, 0]], mode="reflect")[y : y + 16, x : x + 16]
     np.testing.assert_array_equal(batch[i], window[:, ::-1] if bool(d["flip"]) else window, err_msg=str(i))
     np.testing.assert_array_equal(batch[i], preprocess.pad_crop(images[i], 16, s, pad=2, flip=True).numpy())
   flips = [bool(preprocess.pad_crop_draw(tf.constant([s, 1], tf.int64), 2, flip=True)["flip"]) for s in range(40)]

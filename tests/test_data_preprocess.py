@@ -44,7 +44,7 @@ def test_center_crop_jpeg_and_png_paths_agree(photo):
   # decode_and_crop_jpeg equals decode-then-crop except for chroma upsampling at the window's edge.
   diff = np.abs(a.astype(int) - b.astype(int))
   assert (diff[:, :-2] == 0).all() and diff.max() <= 6
-  manual = preprocess.resize(tf.constant(decoded[24:24 + 328, 86:86 + 328]), 224).numpy()
+  manual = preprocess.resize(tf.constant(decoded[24 : 24 + 328, 86 : 86 + 328]), 224).numpy()
   np.testing.assert_array_equal(b, manual)
 
 
@@ -52,8 +52,9 @@ def test_center_train_crop_is_the_eval_crop_and_flips_per_seed(photo):
   """crop='center' (FixRes-style fine-tuning at the test size): the eval crop, mirrored when the seed says so."""
   jpeg = photo[0]
   center = preprocess.eval_image(jpeg, 64).numpy()
-  np.testing.assert_array_equal(preprocess.train_image(jpeg, 64, tf.constant([0, 0]), crop="center",
-                                                       flip=False).numpy(), center)
+  np.testing.assert_array_equal(
+    preprocess.train_image(jpeg, 64, tf.constant([0, 0]), crop="center", flip=False).numpy(), center
+  )
   flipped = [preprocess.train_image(jpeg, 64, tf.constant([s, 0]), crop="center").numpy() for s in range(8)]
   assert all(np.array_equal(f, center) or np.array_equal(f, center[:, ::-1]) for f in flipped)
   assert any(np.array_equal(f, center[:, ::-1]) for f in flipped)
@@ -98,7 +99,7 @@ def test_pad_crop_is_a_window_of_the_reflect_padded_image():
   for s in range(100):
     out = preprocess.pad_crop(tf.constant(img), 32, tf.constant([s, 3], tf.int64)).numpy()
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
-    match = [(y, x) for y in range(9) for x in range(9) if np.array_equal(padded[y:y + 32, x:x + 32], out)]
+    match = [(y, x) for y in range(9) for x in range(9) if np.array_equal(padded[y : y + 32, x : x + 32], out)]
     assert match
     offsets.add(match[0])
   ys, xs = zip(*offsets)
@@ -122,6 +123,7 @@ def test_normalize_pixels_equals_the_tf_normalize_bit_for_bit():
   """The labeling job ships uint8 and normalizes inside the jitted step: every pixel value must land on the
   same float32 as the tf.data normalization the trainer's pipelines use."""
   import jax  # pylint: disable=g-import-not-at-top
+
   pixels = np.stack([np.arange(256, dtype=np.uint8)] * 3, axis=-1).reshape(16, 16, 3)
   expected = preprocess.normalize(tf.constant(pixels)).numpy()
   np.testing.assert_array_equal(normalization_lib.normalize_pixels(pixels), expected)
@@ -144,8 +146,9 @@ def _legacy_bicubic_reference(image, size, table_size=1024, a=-0.75):
 
   def cubic(s):
     s = np.abs(s)
-    return np.where(s <= 1, ((a + 2) * s - (a + 3)) * s * s + 1,
-                    np.where(s < 2, ((a * s - 5 * a) * s + 8 * a) * s - 4 * a, 0.0))
+    return np.where(
+      s <= 1, ((a + 2) * s - (a + 3)) * s * s + 1, np.where(s < 2, ((a * s - 5 * a) * s + 8 * a) * s - 4 * a, 0.0)
+    )
 
   def weights(n_in, n_out):
     w = np.zeros((n_out, n_in))
@@ -184,13 +187,17 @@ def test_normalizations_are_the_official_statistics_on_both_paths(normalization)
   """config.data.normalization: ImageNet's or SVHN's mean/std (the official task_info), the same float32 in
   tf.data and in a jitted step."""
   import jax  # pylint: disable=g-import-not-at-top
-  official = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-              "svhn": ([0.4376821, 0.4437697, 0.47280442], [0.19803012, 0.20101562, 0.19703614])}
+
+  official = {
+    "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    "svhn": ([0.4376821, 0.4437697, 0.47280442], [0.19803012, 0.20101562, 0.19703614]),
+  }
   mean, std = (np.asarray(v) * 255 for v in official[normalization])
   pixels = np.stack([np.arange(256, dtype=np.uint8)] * 3, axis=-1).reshape(16, 16, 3)
   expected = preprocess.normalize(tf.constant(pixels), normalization).numpy()
   np.testing.assert_allclose(expected, (pixels - mean) / std, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(jax.jit(normalization_lib.normalize_pixels, static_argnums=1)(
-      pixels, normalization)), expected)
+  np.testing.assert_array_equal(
+    np.asarray(jax.jit(normalization_lib.normalize_pixels, static_argnums=1)(pixels, normalization)), expected
+  )
   with pytest.raises(ValueError, match=r"config.data.normalization='cifar' is not one of \['imagenet', 'svhn'\]"):
     preprocess.normalize(tf.constant(pixels), "cifar")

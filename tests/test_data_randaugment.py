@@ -103,7 +103,7 @@ def _smooth_row_major(img):
   total = np.zeros((h, w, img.shape[2]), np.float32)
   for dy in range(3):
     for dx in range(3):
-      total = total + pixels[dy:dy + h, dx:dx + w] * np.float32(weights[dy][dx] / 13.0)
+      total = total + pixels[dy : dy + h, dx : dx + w] * np.float32(weights[dy][dx] / 13.0)
   return np.clip(total, 0, 255).astype(np.uint8)
 
 
@@ -117,8 +117,7 @@ def test_sharpness_and_autocontrast_truncate_as_the_official_code(images):
   computed here on this machine, the bound is one level on at most 1% of pixels.
   """
   noise = np.random.default_rng(0).integers(0, 256, (2, 40, 48, 3), dtype=np.uint8)
-  kernel = tf.tile(tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32, shape=[3, 3, 1, 1]) / 13.0,
-                   [1, 1, 3, 1])
+  kernel = tf.tile(tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32, shape=[3, 3, 1, 1]) / 13.0, [1, 1, 3, 1])
   for img in list(images[:3]) + list(noise):
     official = tf.nn.depthwise_conv2d(tf.cast(img, tf.float32)[None], kernel, [1, 1, 1, 1], "VALID")[0]
     official = tf.cast(tf.clip_by_value(official, 0.0, 255.0), tf.uint8).numpy()
@@ -157,10 +156,15 @@ def test_autocontrast_and_equalize_match_pil(images):
   np.testing.assert_array_equal(ra.equalize(tf.constant(flat)), flat)
 
 
-@pytest.mark.parametrize("op,enhancer", [(ra.color, ImageEnhance.Color),
-                                         (ra.contrast, ImageEnhance.Contrast),
-                                         (ra.brightness, ImageEnhance.Brightness),
-                                         (ra.sharpness, ImageEnhance.Sharpness)])
+@pytest.mark.parametrize(
+  "op,enhancer",
+  [
+    (ra.color, ImageEnhance.Color),
+    (ra.contrast, ImageEnhance.Contrast),
+    (ra.brightness, ImageEnhance.Brightness),
+    (ra.sharpness, ImageEnhance.Sharpness),
+  ],
+)
 def test_enhance_ops_match_pil(images, op, enhancer):
   img = images[4]
   np.testing.assert_array_equal(op(tf.constant(img), 1.0), img)  # factor 1 is the identity
@@ -181,8 +185,14 @@ def test_enhance_ops_degenerate_ends(images):
 
 def test_geometric_identities(images):
   img = tf.constant(images[6])
-  for out in (ra.rotate(img, 0.0), ra.shear_x(img, 0.0), ra.shear_y(img, 0.0), ra.translate_x(img, 0.0),
-              ra.translate_y(img, 0.0), ra.cutout(img, 0, SEED)):
+  for out in (
+    ra.rotate(img, 0.0),
+    ra.shear_x(img, 0.0),
+    ra.shear_y(img, 0.0),
+    ra.translate_x(img, 0.0),
+    ra.translate_y(img, 0.0),
+    ra.cutout(img, 0, SEED),
+  ):
     np.testing.assert_array_equal(out, images[6])
 
 
@@ -206,7 +216,7 @@ def test_translate_and_shear_move_pixels(images):
   out = np.asarray(ra.shear_x(tf.constant(img), 0.25))  # row y samples x + 0.25 y
   for y in (0, 8, 20):
     shift = round(0.25 * y)
-    np.testing.assert_array_equal(out[y, : 32 - shift - 1], img[y, shift: 31])
+    np.testing.assert_array_equal(out[y, : 32 - shift - 1], img[y, shift:31])
 
 
 def test_cutout_square(images):
@@ -232,8 +242,11 @@ def test_randaugment_deterministic_per_seed(images):
 
 
 def test_randaugment_in_tf_data(images):
-  ds = tf.data.Dataset.from_tensor_slices(images).enumerate().map(
-      lambda i, x: ra.randaugment(x, 2, 10, tf.stack([i, tf.constant(5, tf.int64)])))
+  ds = (
+    tf.data.Dataset.from_tensor_slices(images)
+    .enumerate()
+    .map(lambda i, x: ra.randaugment(x, 2, 10, tf.stack([i, tf.constant(5, tf.int64)])))
+  )
   first = np.stack(list(ds.as_numpy_iterator()))
   second = np.stack(list(ds.as_numpy_iterator()))
   assert first.shape == images.shape and first.dtype == np.uint8
@@ -259,8 +272,9 @@ def test_batch_equals_per_image(magnitude):
   assert len(set(np.asarray(draws["op"]).ravel())) >= 14  # nearly every op is exercised
   batch = ra.randaugment_batch(tf.constant(images), draws, magnitude, translate_const=10.0, cutout_const=4.0)
   for i, (image, seed) in enumerate(zip(images, seeds)):
-    single = ra.randaugment(tf.constant(image), 2, magnitude, tf.constant(seed, tf.int64),
-                            translate_const=10.0, cutout_const=4.0)
+    single = ra.randaugment(
+      tf.constant(image), 2, magnitude, tf.constant(seed, tf.int64), translate_const=10.0, cutout_const=4.0
+    )
     np.testing.assert_array_equal(batch[i], single, err_msg=f"image {i}")
 
 
@@ -268,15 +282,24 @@ def test_batch_every_op_and_sign():
   """Every op with both signs and per-image Cutout centres, in one batch, against one image at a time."""
   images = color_digits(20, 32)
   n = len(images)
-  draws = {"op": tf.constant([[i % 16, (5 * i + 3) % 16] for i in range(n)], tf.int32),
-           "negate": tf.constant([[i % 2 == 0, i % 3 == 0] for i in range(n)]),
-           "center": tf.constant([[[3 * i, 7 * i], [i, 2 * i + 5]] for i in range(n)], tf.int32)}
+  draws = {
+    "op": tf.constant([[i % 16, (5 * i + 3) % 16] for i in range(n)], tf.int32),
+    "negate": tf.constant([[i % 2 == 0, i % 3 == 0] for i in range(n)]),
+    "center": tf.constant([[[3 * i, 7 * i], [i, 2 * i + 5]] for i in range(n)], tf.int32),
+  }
   batch = np.asarray(ra.randaugment_batch(tf.constant(images), draws, 9, translate_const=6.0, cutout_const=5.0))
   for i in range(n):
     image = tf.constant(images[i])
     for layer in range(2):
-      image = ra._apply(image[None], ra.OPS[int(draws["op"][i, layer])], 9, draws["negate"][i, layer][None],
-                        draws["center"][i, layer][None], 6.0, 5.0)[0]
+      image = ra._apply(
+        image[None],
+        ra.OPS[int(draws["op"][i, layer])],
+        9,
+        draws["negate"][i, layer][None],
+        draws["center"][i, layer][None],
+        6.0,
+        5.0,
+      )[0]
     np.testing.assert_array_equal(batch[i], image, err_msg=f"image {i}")
   assert not np.array_equal(batch, images)
 
@@ -284,8 +307,11 @@ def test_batch_every_op_and_sign():
 def test_batch_of_uneven_choices():
   """Ops no image drew are skipped cleanly; one op for the whole batch works too."""
   images = tf.constant(color_digits(16, 4))
-  draws = {"op": tf.fill([4, 1], 3), "negate": tf.constant([[True], [False], [True], [False]]),
-           "center": tf.zeros([4, 1, 2], tf.int32)}
+  draws = {
+    "op": tf.fill([4, 1], 3),
+    "negate": tf.constant([[True], [False], [True], [False]]),
+    "center": tf.zeros([4, 1, 2], tf.int32),
+  }
   out = np.asarray(ra.randaugment_batch(images, draws, 10))
   np.testing.assert_array_equal(out[0], ra.rotate(images[0], -30.0))
   np.testing.assert_array_equal(out[1], ra.rotate(images[1], 30.0))

@@ -68,7 +68,7 @@ def _cli_flags(words):
   if words[:3] == ["python", "-m", "noisy_student"]:
     return words[3:]
   if words and words[0] == "launch/tpu_vm.sh" and "--" in words:
-    return words[words.index("--") + 1:]
+    return words[words.index("--") + 1 :]
   return None
 
 
@@ -78,8 +78,13 @@ def _main_flag_definitions():
   tree = ast.parse((ROOT / "noisy_student" / "__main__.py").read_text())
   found = []
   for node in ast.walk(tree):
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-        and node.func.attr.startswith("DEFINE_") and node.args and isinstance(node.args[0], ast.Constant)):
+    if (
+      isinstance(node, ast.Call)
+      and isinstance(node.func, ast.Attribute)
+      and node.func.attr.startswith("DEFINE_")
+      and node.args
+      and isinstance(node.args[0], ast.Constant)
+    ):
       found.append((node.func.attr, node.args[0].value))
   return found
 
@@ -91,7 +96,8 @@ def _parse_cli(argv):
   """Parses argv as __main__.py does; returns (config, FlagValues). Raises on any unknown or bad flag."""
   values = flags.FlagValues()
   config = config_flags.DEFINE_config_file(
-      "config", str(ROOT / "configs" / "digits.py"), flag_values=values, lock_config=True, sys_argv=argv)
+    "config", str(ROOT / "configs" / "digits.py"), flag_values=values, lock_config=True, sys_argv=argv
+  )
   for define, name in MAIN_FLAGS:
     if define == "DEFINE_config_file":
       continue
@@ -104,8 +110,9 @@ def _parse_cli(argv):
 def _benchmark_source(script):
   """A benchmark script's source with that of the benchmark modules it imports (options may be shared)."""
   source = script.read_text()
-  imported = re.findall(r"^(?:from benchmarks\.(\w+) import|from benchmarks import (\w+)|import (\w+))", source,
-                        flags=re.M)
+  imported = re.findall(
+    r"^(?:from benchmarks\.(\w+) import|from benchmarks import (\w+)|import (\w+))", source, flags=re.M
+  )
   for name in {n for group in imported for n in group if n}:
     module = script.parent / f"{name}.py"
     if module.is_file() and module != script:
@@ -124,8 +131,7 @@ def test_the_documents_have_commands_to_check():
   assert any(_words(c)[:2] == ["python", "benchmarks/demo.py"] for _, c in ALL_COMMANDS)
 
 
-@pytest.mark.parametrize("doc,command", ALL_COMMANDS,
-                         ids=[f"{d.name}:{c[:60]}" for d, c in ALL_COMMANDS])
+@pytest.mark.parametrize("doc,command", ALL_COMMANDS, ids=[f"{d.name}:{c[:60]}" for d, c in ALL_COMMANDS])
 def test_command(doc, command, monkeypatch):
   monkeypatch.chdir(ROOT)  # config files and scripts are named relative to the checkout
   words = _words(command)
@@ -203,14 +209,22 @@ def test_links_between_documents_resolve():
 def _repository_files():
   """Tracked and untracked-but-not-ignored files (git), else every file outside SKIP_DIRS."""
   try:
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True, timeout=60).stdout.decode()
+    listed = subprocess.run(
+      ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+      cwd=ROOT,
+      capture_output=True,
+      check=True,
+      timeout=60,
+    ).stdout.decode()
     return [ROOT / p for p in listed.split("\0") if p and (ROOT / p).is_file()]
   except (OSError, subprocess.SubprocessError):
     return [p for p in ROOT.rglob("*") if p.is_file() and not SKIP_DIRS & set(p.relative_to(ROOT).parts)]
 
 
 def test_no_file_points_outside_the_repository():
-  offenders = [str(p.relative_to(ROOT)) for p in _repository_files()
-               if not SKIP_DIRS & set(p.relative_to(ROOT).parts) and OUTSIDE.encode() in p.read_bytes()]
+  offenders = [
+    str(p.relative_to(ROOT))
+    for p in _repository_files()
+    if not SKIP_DIRS & set(p.relative_to(ROOT).parts) and OUTSIDE.encode() in p.read_bytes()
+  ]
   assert not offenders, f"files referring to {OUTSIDE}: {offenders}"

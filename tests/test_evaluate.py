@@ -83,8 +83,7 @@ def test_class_subset_ranks_only_its_classes():
   within = subset[np.argsort(-logits[:, subset], axis=-1)]
   labels = np.concatenate([within[:20, 0], within[20:30, 4], within[30:40, 5], outside[3:27]])
   counts = evaluate.topk_counts(jnp.asarray(logits), jnp.asarray(labels), jnp.ones(64), subset)
-  assert {k: float(v) for k, v in counts.items()} == {"top1_correct": 20.0, "top5_correct": 30.0,
-                                                       "count": 64.0}
+  assert {k: float(v) for k, v in counts.items()} == {"top1_correct": 20.0, "top5_correct": 30.0, "count": 64.0}
   # Over all 1000 classes the same rows have no top-1 hit at all.
   assert float(evaluate.topk_counts(jnp.asarray(logits), jnp.asarray(labels), jnp.ones(64))["top1_correct"]) == 0
   with pytest.raises(ValueError, match="reaches class 988, but the model has 10 classes"):
@@ -103,8 +102,7 @@ def test_mean_corruption_error_by_hand():
   result = evaluate.mean_corruption_error(full)
   assert result["ce"]["fog"] == pytest.approx(0.3 / 0.819324)
   assert result["ce"]["brightness"] == pytest.approx(0.5 / 0.564592)
-  expected = np.mean([0.3 / 0.819324] + [0.5 / e for c, e in evaluate.ALEXNET_CORRUPTION_ERROR.items()
-                                         if c != "fog"])
+  expected = np.mean([0.3 / 0.819324] + [0.5 / e for c, e in evaluate.ALEXNET_CORRUPTION_ERROR.items() if c != "fog"])
   assert result["mce"] == pytest.approx(expected)
   # Part of the benchmark is never reported as its mCE.
   partial = evaluate.mean_corruption_error({"fog": {1: 0.9, 2: 0.8}, "snow": {1: 0.5, 2: 0.5}})
@@ -119,8 +117,10 @@ def _constant_logit_variables(model, bias, image_size):
   """The model's variables with a zero classifier kernel: every image gets `bias` as its logits."""
   variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))))()
   params = dict(variables["params"])
-  params["classifier"] = {"kernel": jnp.zeros_like(params["classifier"]["kernel"]),
-                          "bias": jnp.asarray(bias, jnp.float32)}
+  params["classifier"] = {
+    "kernel": jnp.zeros_like(params["classifier"]["kernel"]),
+    "bias": jnp.asarray(bias, jnp.float32),
+  }
   return {"params": params, "batch_stats": variables["batch_stats"]}
 
 
@@ -135,17 +135,28 @@ def _labels(spec, crop, mesh):
 def _expected(labels, bias, classes=None):
   classes = np.arange(len(bias)) if classes is None else np.asarray(classes)
   ranked = classes[np.argsort(-bias[classes], kind="stable")]
-  return {"top1": float(np.mean(labels == ranked[0])), "top5": float(np.mean(np.isin(labels, ranked[:5]))),
-          "count": float(len(labels))}
+  return {
+    "top1": float(np.mean(labels == ranked[0])),
+    "top5": float(np.mean(np.isin(labels, ranked[:5]))),
+    "count": float(len(labels)),
+  }
 
 
 def _robustness(model, variables, config, mesh):
   """evaluate.robustness on the config's values, as the trainer passes them."""
-  suites = evaluate.parse_suites(**config.evaluate, num_classes=config.model.num_classes,
-                                 normalization=config.data.normalization)
-  return evaluate.robustness(model, variables, suites, mesh, data_dir=config.data.data_dir or None,
-                             image_size=config.model.image_size, global_batch=config.data.eval_batch,
-                             normalization=config.data.normalization)
+  suites = evaluate.parse_suites(
+    **config.evaluate, num_classes=config.model.num_classes, normalization=config.data.normalization
+  )
+  return evaluate.robustness(
+    model,
+    variables,
+    suites,
+    mesh,
+    data_dir=config.data.data_dir or None,
+    image_size=config.model.image_size,
+    global_batch=config.data.eval_batch,
+    normalization=config.data.normalization,
+  )
 
 
 @pytest.fixture(name="suite_config")
@@ -153,8 +164,11 @@ def fixture_suite_config():
   c = base_config()
   c.model.update(name="efficientnet-tiny", num_classes=1000, image_size=16)
   c.data.update(eval="tfds:imagenet2012:validation", eval_batch=8)
-  c.evaluate.update(suites="imagenet_a,imagenet_r,imagenet_v2,imagenet_c",
-                    imagenet_c_corruptions="fog,snow", imagenet_c_severities="1,5")
+  c.evaluate.update(
+    suites="imagenet_a,imagenet_r,imagenet_v2,imagenet_c",
+    imagenet_c_corruptions="fog,snow",
+    imagenet_c_severities="1,5",
+  )
   return c
 
 
@@ -162,17 +176,26 @@ def test_robustness_suites_on_mocked_datasets(suite_config):
   """Every suite through tfds, preprocessing and the sharded step, against the same answers by hand: the model
   predicts a fixed ranking (zero classifier kernel), so each suite's accuracy follows from its labels."""
   mesh = sharding.create_mesh()
-  model = trainer.build_model(suite_config, 1000)
+  model = trainer.build_model(suite_config)
   with tfds.testing.mock_data(num_examples=40):
-    labels = {name: _labels(spec, crop, mesh) for name, (spec, _, crop) in evaluate.SUITES.items()
-              if name not in ("imagenet_c", "imagenet_p")}  # imagenet_p: tests/test_imagenet_p.py
-    c_labels = {(c, s): _labels(evaluate.SUITES["imagenet_c"][0].format(corruption=c, severity=s), "resize",
-                                mesh) for c in ("fog", "snow") for s in (1, 5)}
+    labels = {
+      name: _labels(spec, crop, mesh)
+      for name, (spec, _, crop) in evaluate.SUITES.items()
+      if name not in ("imagenet_c", "imagenet_p")
+    }  # imagenet_p: tests/test_imagenet_p.py
+    c_labels = {
+      (c, s): _labels(evaluate.SUITES["imagenet_c"][0].format(corruption=c, severity=s), "resize", mesh)
+      for c in ("fog", "snow")
+      for s in (1, 5)
+    }
     # Rank the classes by how often they occur as labels of the 200-class suites (then of ImageNet-C), with
     # class 0 (in neither subset) above all: an evaluation that ignored the subsets would predict class 0.
     counts = lambda ls: np.bincount(np.concatenate(ls), minlength=1000)
-    bias = (100 * counts([labels["imagenet_a"], labels["imagenet_r"]]) + counts(list(c_labels.values()))
-            - np.arange(1000) * 1e-4)
+    bias = (
+      100 * counts([labels["imagenet_a"], labels["imagenet_r"]])
+      + counts(list(c_labels.values()))
+      - np.arange(1000) * 1e-4
+    )
     bias[0] = 1e6
     variables = _constant_logit_variables(model, bias, 16)
     result = _robustness(model, variables, suite_config, mesh)
@@ -182,19 +205,19 @@ def test_robustness_suites_on_mocked_datasets(suite_config):
   assert result["imagenet_v2"] == _expected(labels["imagenet_v2"], bias)
   assert result["imagenet_a"]["top1"] > 0 and result["imagenet_r"]["top1"] > 0  # not vacuous
   assert result["imagenet_a"]["count"] == 40
-  c_top1 = {f"{c}_{s}": _expected(l, bias)["top1"] for (c, s), l in c_labels.items()}
+  c_top1 = {f"{c}_{s}": _expected(c_label, bias)["top1"] for (c, s), c_label in c_labels.items()}
   assert result["imagenet_c"]["top1"] == c_top1
   assert "mce" not in result["imagenet_c"]
   by_corruption = {c: {s: c_top1[f"{c}_{s}"] for s in (1, 5)} for c in ("fog", "snow")}
   assert result["imagenet_c"]["mce_partial"] == pytest.approx(
-      evaluate.mean_corruption_error(by_corruption)["mce_partial"])
+    evaluate.mean_corruption_error(by_corruption)["mce_partial"]
+  )
 
 
 def test_evaluate_mode_adds_the_suites_to_eval_json(suite_config, tmp_path):
-  suite_config.evaluate.update(suites="imagenet_a,imagenet_c", imagenet_c_corruptions="fog",
-                               imagenet_c_severities="3")
+  suite_config.evaluate.update(suites="imagenet_a,imagenet_c", imagenet_c_corruptions="fog", imagenet_c_severities="3")
   mesh = sharding.create_mesh()
-  model = trainer.build_model(suite_config, 1000)
+  model = trainer.build_model(suite_config)
   _, tx = trainer.build_optimizer(suite_config, 1, 1)
   state = train.create_train_state(model, tx, jax.random.key(0), 16, mesh=mesh)
   manager = checkpoint.create_manager(str(tmp_path / trainer.CHECKPOINT_DIR))
@@ -205,7 +228,9 @@ def test_evaluate_mode_adds_the_suites_to_eval_json(suite_config, tmp_path):
     direct = _robustness(model, train.eval_variables(state), suite_config, mesh)
   assert result["robustness"] == direct
   assert set(direct) == {"imagenet_a", "imagenet_c"} and direct["imagenet_a"]["count"] == 12
-  assert set(direct["imagenet_c"]) == {"ce_partial", "mce_partial", "top1"} and list(direct["imagenet_c"]["top1"]) == ["fog_3"]
+  assert set(direct["imagenet_c"]) == {"ce_partial", "mce_partial", "top1"} and list(direct["imagenet_c"]["top1"]) == [
+    "fog_3"
+  ]
   saved = trainer.outputs.read_json(tmp_path / trainer.EVAL_FILE)
   assert saved["robustness"]["imagenet_a"] == pytest.approx(direct["imagenet_a"])
 
@@ -218,13 +243,12 @@ def test_suites_on_a_model_that_is_not_imagenet_fail_before_training(tmp_path):
     trainer.train_and_evaluate(config, str(tmp_path))
   config.model.num_classes = 1000
   config.data.normalization = "svhn"
-  with pytest.raises(ValueError, match="standardized with ImageNet's statistics, but "
-                                       "config.data.normalization='svhn'"):
+  with pytest.raises(ValueError, match="standardized with ImageNet's statistics, but config.data.normalization='svhn'"):
     trainer.train_and_evaluate(config, str(tmp_path))
 
 
 def test_unknown_suite_or_corruption_is_an_error_naming_the_key(suite_config):
-  model = trainer.build_model(suite_config, 1000)
+  model = trainer.build_model(suite_config)
   suite_config.evaluate.suites = "imagenet_a,imagenet_o"
   with pytest.raises(ValueError, match=r"config.evaluate.suites: unknown \['imagenet_o'\]"):
     _robustness(model, {}, suite_config, sharding.create_mesh())

@@ -33,8 +33,11 @@ def test_frozen_parameters_get_no_update_and_their_statistics_still_move():
   step = train.make_train_step(model, tx, mesh)
   rng = np.random.default_rng(0)
   for _ in range(3):
-    batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
-             "targets": np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)], "is_labeled": np.ones(16, bool)}
+    batch = {
+      "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+      "targets": np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)],
+      "is_labeled": np.ones(16, bool),
+    }
     state, _ = step(state, sharding.host_to_global(batch, mesh))
   params, old = _flat(state.params), _flat(before.params)
   frozen = [k for k in params if k.startswith(("stem_", "blocks_0/", "blocks_1/"))]
@@ -52,8 +55,11 @@ def test_frozen_parameters_get_no_update_and_their_statistics_still_move():
 
 
 def test_a_frozen_pattern_must_match_some_but_not_all_parameters():
-  params = jax.eval_shape(lambda: create_model("efficientnet-tiny", num_classes=10).init(
-      jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), train=False))["params"]
+  params = jax.eval_shape(
+    lambda: create_model("efficientnet-tiny", num_classes=10).init(
+      jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), train=False
+    )
+  )["params"]
   trainer.check_frozen(FROZEN, params)
   with pytest.raises(ValueError, match=r"frozen='\^stemconv/' matches 0 of \d+ parameters"):
     trainer.check_frozen("^stemconv/", params)
@@ -66,23 +72,39 @@ def test_fine_tuning_at_a_larger_size_starts_from_the_export(tmp_path, monkeypat
   the run starts from the export exactly, the frozen layers end where they started, the rest move."""
   config = digits_config()
   config.model.name = "efficientnet-tiny"
-  source = train.create_train_state(trainer.build_model(config, 10), trainer.build_optimizer(
-      config, 1, 1)[1], jax.random.key(7), 16)
+  source = train.create_train_state(
+    trainer.build_model(config, 10), trainer.build_optimizer(config, 1, 1)[1], jax.random.key(7), 16
+  )
   export = str(tmp_path / "pretrained" / checkpoint.EXPORT_DIR)
   checkpoint.save_inference_variables(export, train.eval_variables(source))
 
   config.update(mode="train", init_from=export, num_train_steps=4, log_every_steps=2, seed=3)
   config.model.image_size = 24
-  config.data.update(labeled="tfds:digits:train[:200]", ratio=0, randaugment_layers=0, crop="center",
-                     flip=False, labeled_batch=16, eval_batch=64)
+  config.data.update(
+    labeled="tfds:digits:train[:200]",
+    ratio=0,
+    randaugment_layers=0,
+    crop="center",
+    flip=False,
+    labeled_batch=16,
+    eval_batch=64,
+  )
   config.optimizer.update(frozen=FROZEN, warmup_epochs=0.0)
   config.evaluate.suites = ""
 
-  fresh = train.create_train_state(trainer.build_model(config, 10), trainer.build_optimizer(
-      config, 1, 1)[1], jax.random.key(3), 24, mesh=sharding.create_mesh())
+  fresh = train.create_train_state(
+    trainer.build_model(config, 10),
+    trainer.build_optimizer(config, 1, 1)[1],
+    jax.random.key(3),
+    24,
+    mesh=sharding.create_mesh(),
+  )
   started = trainer.initialize_from(fresh, export)
-  for got, want in [(started.params, source.ema_params), (started.ema_params, source.ema_params),
-                    (started.batch_stats, source.ema_batch_stats)]:
+  for got, want in [
+    (started.params, source.ema_params),
+    (started.ema_params, source.ema_params),
+    (started.batch_stats, source.ema_batch_stats),
+  ]:
     got, want = _flat(got), _flat(want)
     assert got.keys() == want.keys()
     for k in want:

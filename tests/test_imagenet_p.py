@@ -1,5 +1,6 @@
-"""imagenet_p.py / data/videos.py: flip probability and top-5 distance as the benchmark defines them, the video folder reader, and
-the suite end to end on videos written here (equal on 1 and 8 devices, and to a plain per-frame loop)."""
+"""imagenet_p.py / data/videos.py: flip probability and top-5 distance as the benchmark defines them, the
+video folder reader, and the suite end to end on videos written here (equal on 1 and 8 devices, and to a
+plain per-frame loop)."""
 
 import json
 import os
@@ -92,8 +93,9 @@ def test_flip_probability_by_hand():
   assert stats["top5_distance"] == (2 * 5 / 4 + 0) / 2  # a flip moves the old top class out: |0 - 5|
   # Noise: every frame against the first; difficulty 2: frames two apart.
   assert imagenet_p.perturbation_stability([top5([3, 5, 3, 3])], noise=True)["flip_probability"] == 1 / 3
-  assert imagenet_p.perturbation_stability([top5([3, 3, 5, 5, 3])], noise=False, difficulty=2)[
-      "flip_probability"] == 1.0
+  assert (
+    imagenet_p.perturbation_stability([top5([3, 3, 5, 5, 3])], noise=False, difficulty=2)["flip_probability"] == 1.0
+  )
   with pytest.raises(ValueError, match="Video 0 has 2 frame"):
     imagenet_p.perturbation_stability([top5([1, 2])], noise=False, difficulty=2)
   rng = np.random.default_rng(1)
@@ -118,8 +120,7 @@ def test_mean_flip_rate_against_a_baseline(tmp_path):
   assert "mfr" not in imagenet_p.mean_flip_rate(stability, baseline, difficulty=2)
   # A baseline file: the mapping itself, or an eval.json of this code.
   (tmp_path / "alexnet.json").write_text(json.dumps(baseline))
-  (tmp_path / "eval.json").write_text(json.dumps({"top1": 0.5, "robustness": {"imagenet_p": {
-      "stability": baseline}}}))
+  (tmp_path / "eval.json").write_text(json.dumps({"top1": 0.5, "robustness": {"imagenet_p": {"stability": baseline}}}))
   assert imagenet_p.read_baseline(str(tmp_path / "alexnet.json")) == baseline
   assert imagenet_p.read_baseline(str(tmp_path / "eval.json")) == baseline
   with pytest.raises(ValueError, match=r"eval.json: evaluated at ImageNet-P difficulty 1, this run at 2"):
@@ -177,9 +178,9 @@ def test_unreadable_videos_are_errors_naming_the_file(tmp_path):
   config.evaluate.update(imagenet_p_perturbations="rotate,gaussian_noise", imagenet_p_difficulty=2)
   with pytest.raises(FileNotFoundError, match=r"has no folder \['gaussian_noise_2'\]"):
     trainer.robustness_suites(config)
-  assert [imagenet_p.folder(p, d) for p, d in [("gaussian_noise", 1), ("shot_noise", 3), ("tilt", 3),
-                                                         ("speckle_noise_2", 2)]] == [
-      "gaussian_noise", "shot_noise_3", "tilt", "speckle_noise_2"]
+  assert [
+    imagenet_p.folder(p, d) for p, d in [("gaussian_noise", 1), ("shot_noise", 3), ("tilt", 3), ("speckle_noise_2", 2)]
+  ] == ["gaussian_noise", "shot_noise_3", "tilt", "speckle_noise_2"]
 
 
 def test_imagenet_p_suite_end_to_end(tmp_path):
@@ -192,17 +193,18 @@ def test_imagenet_p_suite_end_to_end(tmp_path):
   config = base_config()
   config.model.update(name="efficientnet-tiny", num_classes=1000, image_size=16)
   config.data.update(eval_batch=8)
-  config.evaluate.update(suites="imagenet_p", imagenet_p_dir=root,
-                         imagenet_p_perturbations="brightness,gaussian_noise")
-  model = trainer.build_model(config, 1000)
+  config.evaluate.update(suites="imagenet_p", imagenet_p_dir=root, imagenet_p_perturbations="brightness,gaussian_noise")
+  model = trainer.build_model(config)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))()
   # A baseline: the numbers of a model that flips on every pair, for the rates.
   baseline = {p: {"flip_probability": 1.0, "top5_distance": 10.0} for p in ("brightness", "gaussian_noise")}
   (tmp_path / "baseline.json").write_text(json.dumps(baseline))
   config.evaluate.imagenet_p_baseline = str(tmp_path / "baseline.json")
 
-  results = [trainer.robustness(model, variables, config, mesh)["robustness"]["imagenet_p"]
-             for mesh in (sharding.create_mesh(), sharding.create_mesh(devices=jax.devices()[:1]))]
+  results = [
+    trainer.robustness(model, variables, config, mesh)["robustness"]["imagenet_p"]
+    for mesh in (sharding.create_mesh(), sharding.create_mesh(devices=jax.devices()[:1]))
+  ]
   assert results[0] == results[1]
 
   apply = jax.jit(lambda images: model.apply(variables, images, train=False))
@@ -215,8 +217,9 @@ def test_imagenet_p_suite_end_to_end(tmp_path):
       images = np.stack([preprocess.normalize(preprocess.resize(tf.constant(f), 16)).numpy() for f in frames])
       logits = np.asarray(apply(images))
       top1.append(np.argmax(logits, axis=-1))
-      distances.append(np.mean([_reference_top5_distance(logits[0 if noise else j - 1], logits[j])
-                                for j in range(1, len(logits))]))
+      distances.append(
+        np.mean([_reference_top5_distance(logits[0 if noise else j - 1], logits[j]) for j in range(1, len(logits))])
+      )
     fp = _reference_flip_probability(top1, noise)
     expected[perturbation] = fp
     got = results[0]["stability"][perturbation]
@@ -246,7 +249,7 @@ def tilt_suite(root):
   config.model.update(name="efficientnet-tiny", num_classes=1000, image_size=16)
   config.data.update(eval_batch=8)
   config.evaluate.update(suites="imagenet_p", imagenet_p_dir=root, imagenet_p_perturbations="tilt")
-  model = trainer.build_model(config, 1000)
+  model = trainer.build_model(config)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))()
   return trainer.robustness(model, variables, config, sharding.create_mesh())["robustness"]
 
@@ -259,9 +262,17 @@ def test_two_processes_give_the_one_process_result(tmp_path):
   root = str(tmp_path / "imagenet_p")
   _perturbation_folder(root, "tilt", np.random.default_rng(4), counts=((5, 9), (6,)))
   port = str(free_port())
-  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, root, str(i), port], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env(2), cwd=REPO)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", TWO_PROCESSES, root, str(i), port],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=subprocess_env(2),
+      cwd=REPO,
+    )
+    for i in range(2)
+  ]
   outs = []
   for p in procs:
     out, err = p.communicate(timeout=300)

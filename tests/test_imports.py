@@ -113,9 +113,13 @@ def test_imports_run_downwards():
 
 
 def test_no_import_inside_a_function():
-  hidden = [f"{path.relative_to(ROOT)}:{line} imports {imported} inside a function"
-            for module, path in MODULES.items() if module not in DEFERRED_ALLOWED
-            for imported, line, nested in _imports(path) if nested]
+  hidden = [
+    f"{path.relative_to(ROOT)}:{line} imports {imported} inside a function"
+    for module, path in MODULES.items()
+    if module not in DEFERRED_ALLOWED
+    for imported, line, nested in _imports(path)
+    if nested
+  ]
   assert not hidden, "\n".join(hidden)
 
 
@@ -127,7 +131,7 @@ def test_no_import_cycles():
     state[node] = "open"
     for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == "open":
-        pytest.fail("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+        pytest.fail("import cycle: " + " -> ".join(stack[stack.index(nxt) :] + [nxt]))
       if nxt not in state:
         visit(nxt, stack + [nxt])
     state[node] = "done"

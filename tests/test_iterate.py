@@ -38,10 +38,16 @@ def test_plan_derives_every_stage_from_the_config():
 
 
 # One teacher of 30 steps and one student of 40, checkpointed every 10, on small splits.
-SHORT = ("--config.num_train_steps=30", "--config.iterate.num_iterations=1",
-         "--config.iterate.student_num_train_steps=40", "--config.checkpoint_every_steps=10",
-         "--config.log_every_steps=10", "--config.data.unlabeled_source=tfds:digits:train[50:370]",
-         "--config.data.eval=tfds:digits:test[:200]", "--config.select.threshold=0.0")
+SHORT = (
+  "--config.num_train_steps=30",
+  "--config.iterate.num_iterations=1",
+  "--config.iterate.student_num_train_steps=40",
+  "--config.checkpoint_every_steps=10",
+  "--config.log_every_steps=10",
+  "--config.data.unlabeled_source=tfds:digits:train[50:370]",
+  "--config.data.eval=tfds:digits:test[:200]",
+  "--config.select.threshold=0.0",
+)
 
 
 @pytest.mark.slow
@@ -73,8 +79,10 @@ def test_sigkill_during_student_resumes_from_its_checkpoint(tmp_path):
   changed = run_cli(killed, *SHORT, "--config.iterate.ratio=2", timeout=300)
   assert changed.returncode == 1
   last = changed.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: StageConfigMismatchError") and "01_student was run with another config " \
-      "(data.ratio: 3 -> 2; iterate.ratio: 3 -> 2)" in last, last
+  assert (
+    last.startswith("error: StageConfigMismatchError")
+    and "01_student was run with another config (data.ratio: 3 -> 2; iterate.ratio: 3 -> 2)" in last
+  ), last
 
   rerun = run_cli(killed, *SHORT, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -84,15 +92,15 @@ def test_sigkill_during_student_resumes_from_its_checkpoint(tmp_path):
   assert json.loads((killed / "summary.json").read_text()) == expected
 
 
-
 def test_first_teacher_from_an_official_checkpoint(tmp_path):
   """config.iterate.teacher_checkpoint: the TF checkpoint's EMA variables become the teacher's export (what
   the first labeling job loads) and are evaluated, instead of training a teacher."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from test_convert import tiny_reference, write_checkpoint  # pylint: disable=g-import-not-at-top
+
   from noisy_student import checkpoint  # pylint: disable=g-import-not-at-top
+  from test_convert import tiny_reference, write_checkpoint  # pylint: disable=g-import-not-at-top
 
   reference, ema, raw = tiny_reference(num_classes=10)
   tensors = dict(raw, **{f"{name}/ExponentialMovingAverage": value for name, value in ema.items()})
@@ -112,14 +120,36 @@ def test_first_teacher_from_an_official_checkpoint(tmp_path):
 
 
 def test_table_adds_robustness_headlines_where_evaluated():
-  summary = {"stages": [
+  summary = {
+    "stages": [
       {"name": "00_teacher", "model": "efficientnet-b0", "eval": {"top1": 0.5, "top5": 0.8}},
-      {"name": "01_student", "model": "efficientnet-b0",
-       "eval": {"top1": 0.6, "top5": 0.9, "robustness": {"imagenet_a": {"top1": 0.125, "count": 8.0},
-                                                          "imagenet_c": {"mce": 0.7, "ce": {}},
-                                                          "imagenet_p": {"mfr_partial": 0.25, "stability": {}}}}}]}
+      {
+        "name": "01_student",
+        "model": "efficientnet-b0",
+        "eval": {
+          "top1": 0.6,
+          "top5": 0.9,
+          "robustness": {
+            "imagenet_a": {"top1": 0.125, "count": 8.0},
+            "imagenet_c": {"mce": 0.7, "ce": {}},
+            "imagenet_p": {"mfr_partial": 0.25, "stability": {}},
+          },
+        },
+      },
+    ]
+  }
   lines = iterate.format_table(summary).splitlines()
-  assert lines[0].split() == ["stage", "model", "top-1", "top-5", "imagenet_a", "top-1", "imagenet_c", "mce",
-                              "imagenet_p", "mfr_partial"]
+  assert lines[0].split() == [
+    "stage",
+    "model",
+    "top-1",
+    "top-5",
+    "imagenet_a",
+    "top-1",
+    "imagenet_c",
+    "mce",
+    "imagenet_p",
+    "mfr_partial",
+  ]
   assert lines[1].split() == ["00_teacher", "efficientnet-b0", "50.00", "80.00", "-", "-", "-"]
   assert lines[2].split() == ["01_student", "efficientnet-b0", "60.00", "90.00", "12.50", "70.00", "25.00"]

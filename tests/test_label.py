@@ -18,10 +18,10 @@ import tensorflow as tf
 
 from helpers import digits_data_dir, free_port, process_flags, run_cli, start_cli, subprocess_env
 from noisy_student import checkpoint, inference, label, outputs, pseudo_labels
+from noisy_student.config_defaults import base_config, model_arguments
 from noisy_student.cpu import devices as host_devices
-from noisy_student.config_defaults import base_config
 from noisy_student.data import preprocess
-from noisy_student.models import model_from_config
+from noisy_student.models import create_model
 
 UNLABELED = "tfds:digits:train[:600]"
 
@@ -40,7 +40,7 @@ def teacher(tmp_path_factory):
   """A teacher workdir with exported variables (random weights, batch-norm statistics made non-trivial)."""
   folder = tmp_path_factory.mktemp("teacher")
   c = _config(folder)
-  model = model_from_config(c.model)
+  model = create_model(**model_arguments(c.model))
   variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 16, 16, 3)), train=False))(jax.random.key(0))
   variables = jax.tree.map(np.asarray, variables)
   variables["batch_stats"] = jax.tree.map(lambda v: v + 0.05, variables["batch_stats"])
@@ -64,16 +64,22 @@ def _records(folder):
       f = tf.train.Example.FromString(raw.numpy()).features.feature
       key = f["image/key"].bytes_list.value[0]
       assert key not in out, f"{key} labeled twice"
-      out[key] = (f["label"].int64_list.value[0], f["confidence"].float_list.value[0],
-                  np.array(f["probabilities"].float_list.value, np.float32), f["image/encoded"].bytes_list.value[0])
+      out[key] = (
+        f["label"].int64_list.value[0],
+        f["confidence"].float_list.value[0],
+        np.array(f["probabilities"].float_list.value, np.float32),
+        f["image/encoded"].bytes_list.value[0],
+      )
   return stats, out
 
 
 def _originals(spec):
   """{key: encoded image} of every example of a digits source."""
   from noisy_student.data import sources  # pylint: disable=g-import-not-at-top
-  src = sources.open_source(spec, data_dir=digits_data_dir(), labeled=False, with_key=True, process_index=0,
-                            process_count=1)
+
+  src = sources.open_source(
+    spec, data_dir=digits_data_dir(), labeled=False, with_key=True, process_index=0, process_count=1
+  )
   return {ex["key"]: ex["image"] for ex in src.dataset.as_numpy_iterator()}
 
 
@@ -83,7 +89,8 @@ def test_labels_every_image_once_with_the_eval_mode_teacher(teacher, one_process
   stats, records = _records(out)
   assert summary["examples"] == stats["num_examples"] == len(records) == 600
   assert summary["shards"] == 3 and [s["file"] for s in stats["shards"]] == [
-      pseudo_labels.shard_name(i, 3) for i in range(3)]
+    pseudo_labels.shard_name(i, 3) for i in range(3)
+  ]
   assert sum(s["examples"] for s in stats["shards"]) == 600
   # Every source image, by its tfds id, with its original encoded bytes.
   originals = _originals(UNLABELED)
@@ -91,10 +98,12 @@ def test_labels_every_image_once_with_the_eval_mode_teacher(teacher, one_process
   assert all(records[k][3] == originals[k] for k in originals)
   # The distribution is the eval-mode teacher's softmax on eval preprocessing: recompute a few directly.
   from noisy_student.data import preprocess  # pylint: disable=g-import-not-at-top
-  model = model_from_config(_config(folder).model)
+
+  model = create_model(**model_arguments(_config(folder).model))
   keys = sorted(originals)[:16]
-  images = np.stack([preprocess.normalize(preprocess.eval_image(originals[k], 16, crop="resize")).numpy()
-                     for k in keys])
+  images = np.stack(
+    [preprocess.normalize(preprocess.eval_image(originals[k], 16, crop="resize")).numpy() for k in keys]
+  )
   expected = jax.nn.softmax(model.apply(variables, images, train=False))
   for k, p in zip(keys, np.asarray(expected)):
     lab, conf, probs, _ = records[k]
@@ -127,8 +136,9 @@ def test_read_ahead_depth_fits_the_pixel_budget():
 def test_micro_batched_inference_gives_the_whole_batch_logits(teacher):
   """Each device's rows in passes of 1, 3 or 6 images (a loop in the step) == one pass == model.apply."""
   from noisy_student import sharding  # pylint: disable=g-import-not-at-top
+
   folder, variables = teacher
-  model = model_from_config(_config(folder).model)
+  model = create_model(**model_arguments(_config(folder).model))
   mesh = sharding.create_mesh()
   images = np.asarray(jax.random.normal(jax.random.key(1), (6 * jax.device_count(), 16, 16, 3)))
   expected = np.asarray(model.apply(variables, images, train=False))
@@ -142,11 +152,11 @@ def test_micro_batched_inference_gives_the_whole_batch_logits(teacher):
 def test_infer_step_normalizes_uint8_pixels_itself(teacher):
   """The job feeds uint8 pixels: the step's logits equal the model's on tf-normalized float images."""
   from noisy_student import sharding  # pylint: disable=g-import-not-at-top
+
   folder, variables = teacher
-  model = model_from_config(_config(folder).model)
+  model = create_model(**model_arguments(_config(folder).model))
   mesh = sharding.create_mesh()
-  pixels = np.asarray(jax.random.randint(jax.random.key(2), (2 * jax.device_count(), 16, 16, 3), 0, 256),
-                      np.uint8)
+  pixels = np.asarray(jax.random.randint(jax.random.key(2), (2 * jax.device_count(), 16, 16, 3), 0, 256), np.uint8)
   expected = np.asarray(model.apply(variables, preprocess.normalize(tf.constant(pixels)).numpy(), train=False))
   logits = label.make_infer_step(model, mesh, 1)(variables, jax.device_put(pixels, sharding.batch_sharding(mesh)))
   np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-5)
@@ -160,24 +170,40 @@ def test_infer_step_normalizes_uint8_pixels_itself(teacher):
 
   for normalization in ("imagenet", "svhn"):
     means = label.make_infer_step(ChannelMeans(), mesh, 1, normalization)(
-        {}, jax.device_put(pixels, sharding.batch_sharding(mesh)))
-    np.testing.assert_allclose(np.asarray(means), preprocess.normalize(tf.constant(pixels), normalization).numpy()
-                               .mean(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+      {}, jax.device_put(pixels, sharding.batch_sharding(mesh))
+    )
+    np.testing.assert_allclose(
+      np.asarray(means),
+      preprocess.normalize(tf.constant(pixels), normalization).numpy().mean(axis=(1, 2)),
+      rtol=1e-5,
+      atol=1e-5,
+    )
 
 
 def _label_job(teacher_dir, *extra):
   """Command-line overrides of a labeling job of UNLABELED with the teacher in `teacher_dir`, then `extra`."""
-  return ("--config.mode=label", f"--config.label.teacher_workdir={teacher_dir}",
-          f"--config.data.unlabeled_source={UNLABELED}", *extra)
+  return (
+    "--config.mode=label",
+    f"--config.label.teacher_workdir={teacher_dir}",
+    f"--config.data.unlabeled_source={UNLABELED}",
+    *extra,
+  )
 
 
 @pytest.mark.slow
 def test_two_processes_write_disjoint_shards_equal_to_one(teacher, one_process_labels, tmp_path):
   """2 processes x 2 devices (gloo): each writes its own shards; their union is the one-process output."""
   out, port = tmp_path / "two", free_port()
-  procs = [start_cli(out, *_label_job(teacher[0], *process_flags(port, i), "--config.label.batch=64",
-                                      "--config.label.shards_per_process=3"), devices=2)
-           for i in range(2)]
+  procs = [
+    start_cli(
+      out,
+      *_label_job(
+        teacher[0], *process_flags(port, i), "--config.label.batch=64", "--config.label.shards_per_process=3"
+      ),
+      devices=2,
+    )
+    for i in range(2)
+  ]
   logs = [p.communicate(timeout=400)[0] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
@@ -220,8 +246,11 @@ def test_sigkill_then_rerun_gives_byte_identical_shards(teacher, tmp_path):
   """A real SIGKILL after the first shard is final: no partial file under a final name; the rerun skips
   finished shards and the result is byte-identical to an uninterrupted run."""
   # 1,300 images in 163 batches of 8 and 20 shards: most of the job is still ahead when shard 0 lands.
-  extra = ("--config.label.batch=8", "--config.label.shards_per_process=20",
-           "--config.data.unlabeled_source=tfds:digits:train")
+  extra = (
+    "--config.label.batch=8",
+    "--config.label.shards_per_process=20",
+    "--config.data.unlabeled_source=tfds:digits:train",
+  )
   whole = tmp_path / "whole"
   done = run_cli(whole, *_label_job(teacher[0], *extra), timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -256,8 +285,10 @@ def test_missing_teacher_and_wrong_class_count_are_clear_errors(teacher, tmp_pat
     label.label(_config(tmp_path / "nobody"), str(tmp_path / "out"))
   c = _config(teacher[0])
   c.model.num_classes = 100
-  with pytest.raises(checkpoint.CheckpointMismatchError,
-                     match=r"exported variables in .*export does not match the model.*classifier/kernel"):
+  with pytest.raises(
+    checkpoint.CheckpointMismatchError,
+    match=r"exported variables in .*export does not match the model.*classifier/kernel",
+  ):
     label.label(c, str(tmp_path / "out2"))
   c = _config(teacher[0])
   c.label.read_ahead_batches = -2
@@ -273,6 +304,7 @@ def test_rerun_with_other_settings_rewrites_every_shard(teacher, one_process_lab
   """Shards of another run (here temperature 1 vs 2) in the folder are not reused: every shard is rewritten
   with the new teacher distribution softmax(logits / 2), i.e. p ** (1/2) renormalized."""
   import shutil  # pylint: disable=g-import-not-at-top
+
   out = tmp_path / "relabel"
   shutil.copytree(one_process_labels[0], out)
   label.label(_config(teacher[0], temperature=2.0), str(out))
@@ -296,14 +328,16 @@ def test_the_configured_normalization_reaches_the_teacher(teacher, tmp_path, mon
   def spy(model, mesh, micro_batch=0, normalization="imagenet"):
     asked.append(normalization)
     return build(model, mesh, micro_batch, normalization)
+
   monkeypatch.setattr(label, "make_infer_step", spy)
   label.label(c, str(tmp_path / "svhn"))
   stats, records = _records(tmp_path / "svhn")
-  assert outputs.read_json(tmp_path / "svhn" / pseudo_labels.sidecar_name(0, 1))["fingerprint"][
-      "normalization"] == "svhn"
+  assert (
+    outputs.read_json(tmp_path / "svhn" / pseudo_labels.sidecar_name(0, 1))["fingerprint"]["normalization"] == "svhn"
+  )
   originals = _originals("tfds:digits:train[:64]")
   keys = sorted(originals)[:8]
-  model = model_from_config(c.model)
+  model = create_model(**model_arguments(c.model))
   pixels = [preprocess.eval_image(originals[k], 16, crop="resize") for k in keys]
   images = np.stack([preprocess.normalize(p, "svhn").numpy() for p in pixels])
   expected = np.asarray(jax.nn.softmax(model.apply(variables, images, train=False)))

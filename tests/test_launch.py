@@ -9,8 +9,12 @@ import time
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "launch", "tpu_vm.sh")
-JOB = ["--config=configs/imagenet.py:model=b7,stage=student", "--workdir=gs://bucket/b7 run",
-       "--config.data.unlabeled=gs://bucket/labels/labels-*.tfrecord", "--config.seed=1"]
+JOB = [
+  "--config=configs/imagenet.py:model=b7,stage=student",
+  "--workdir=gs://bucket/b7 run",
+  "--config.data.unlabeled=gs://bucket/labels/labels-*.tfrecord",
+  "--config.seed=1",
+]
 
 
 def _launch(*args):
@@ -18,16 +22,26 @@ def _launch(*args):
 
 
 def _dry_run():
-  out = _launch("--dry_run", "--name=ns", "--zone=us-central2-b", "--type=v4-32", "--create",
-                "--python=python3.11", "--", *JOB)
+  out = _launch(
+    "--dry_run", "--name=ns", "--zone=us-central2-b", "--type=v4-32", "--create", "--python=python3.11", "--", *JOB
+  )
   assert out.returncode == 0, out.stderr
   return [shlex.split(line) for line in out.stdout.splitlines() if line.startswith("gcloud")]
 
 
 def test_dry_run_creates_copies_and_starts_on_every_worker():
   create, scp, ssh = _dry_run()
-  assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", "ns", "--zone=us-central2-b",
-                    "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"]
+  assert create == [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "create",
+    "ns",
+    "--zone=us-central2-b",
+    "--accelerator-type=v4-32",
+    "--version=tpu-ubuntu2204-base",
+  ]
   assert scp[4] == "scp" and "--worker=all" in scp and scp[6] == "ns:~/noisy_student.tar.gz"
   assert ssh[4:6] == ["ssh", "ns"] and "--worker=all" in ssh
 
@@ -41,10 +55,10 @@ def _fake_worker(tmp_path, pip_exit):
   with tarfile.open(home / "noisy_student.tar.gz", "w:gz") as tar:
     tar.add(tmp_path / "setup.py", arcname="setup.py")
   scripts = {
-      bin_dir / "python3.11": f'[ "$*" = "-m venv .venv" ] && mkdir -p .venv/bin && '
-                              f'echo "PATH={venv_bin}:\\$PATH" > .venv/bin/activate',
-      venv_bin / "pip": f'printf "%s\\n" "$@" > "$HOME/pip.args"; exit {pip_exit}',
-      venv_bin / "python": 'printf "%s\\n" "$@" > "$HOME/job.tmp"; mv "$HOME/job.tmp" "$HOME/job.args"',
+    bin_dir / "python3.11": f'[ "$*" = "-m venv .venv" ] && mkdir -p .venv/bin && '
+    f'echo "PATH={venv_bin}:\\$PATH" > .venv/bin/activate',
+    venv_bin / "pip": f'printf "%s\\n" "$@" > "$HOME/pip.args"; exit {pip_exit}',
+    venv_bin / "python": 'printf "%s\\n" "$@" > "$HOME/job.tmp"; mv "$HOME/job.tmp" "$HOME/job.args"',
   }
   for path, body in scripts.items():
     path.write_text("#!/usr/bin/env bash\n" + body + "\n")
@@ -56,7 +70,7 @@ def _fake_worker(tmp_path, pip_exit):
 @pytest.mark.parametrize("pip_exit", [0, 1])
 def test_the_worker_installs_then_starts_the_job_in_the_background(tmp_path, pip_exit):
   ssh = _dry_run()[2]
-  remote = next(a for a in ssh if a.startswith("--command="))[len("--command="):]
+  remote = next(a for a in ssh if a.startswith("--command="))[len("--command=") :]
   home, env = _fake_worker(tmp_path, pip_exit)
   start = time.monotonic()
   out = subprocess.run(["bash", "-c", remote], env=env, capture_output=True, text=True, timeout=60, check=False)
@@ -72,12 +86,15 @@ def test_the_worker_installs_then_starts_the_job_in_the_background(tmp_path, pip
   assert (home / "job.args").read_text().splitlines() == ["-m", "noisy_student", "--distributed", *JOB]
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--zone=z", "--", "--workdir=w"], "--name=TPU_NAME is required"),
     (["--name=n", "--", "--workdir=w"], "--zone=ZONE is required"),
     (["--name=n", "--zone=z"], "give the job's flags after --"),
     (["--name=n", "--zone=z", "--workdir=w"], "unknown option '--workdir=w' (job flags go after --)"),
-])
+  ],
+)
 def test_bad_arguments_are_named(args, message):
   out = _launch("--dry_run", *args)
   assert out.returncode == 2 and message in out.stderr

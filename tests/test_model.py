@@ -13,10 +13,16 @@ from noisy_student.models import create_model, efficientnet, ops
 # Trainable parameters and batch-norm statistics with a 1000-class head
 # (docs/efficientnet.md; equal for Keras, timm and the TF code).
 REFERENCE_COUNTS = {
-    "b0": (5_288_548, 42_016), "b1": (7_794_184, 62_048), "b2": (9_109_994, 67_568),
-    "b3": (12_233_232, 87_296), "b4": (19_341_616, 125_200), "b5": (30_389_784, 172_736),
-    "b6": (43_040_704, 224_432), "b7": (66_347_960, 310_720), "b8": (87_413_142, 380_032),
-    "l2": (480_309_308, 1_090_688),
+  "b0": (5_288_548, 42_016),
+  "b1": (7_794_184, 62_048),
+  "b2": (9_109_994, 67_568),
+  "b3": (12_233_232, 87_296),
+  "b4": (19_341_616, 125_200),
+  "b5": (30_389_784, 172_736),
+  "b6": (43_040_704, 224_432),
+  "b7": (66_347_960, 310_720),
+  "b8": (87_413_142, 380_032),
+  "l2": (480_309_308, 1_090_688),
 }
 
 
@@ -34,16 +40,15 @@ def init_tiny(size=16, num_classes=10, batch=4, **overrides):
 @pytest.mark.parametrize("name", sorted(REFERENCE_COUNTS))
 def test_parameter_and_batch_stat_counts_match_reference(name):
   model = create_model(f"efficientnet-{name}")
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
   assert (count(shapes["params"]), count(shapes["batch_stats"])) == REFERENCE_COUNTS[name]
 
 
 def test_round_filters_and_repeats_follow_the_official_rules():
   assert efficientnet.round_filters(32, 1.0) == 32
-  assert efficientnet.round_filters(32, 1.1) == 32   # 35.2 -> 32 (not < 0.9 * 35.2)
+  assert efficientnet.round_filters(32, 1.1) == 32  # 35.2 -> 32 (not < 0.9 * 35.2)
   assert efficientnet.round_filters(1280, 4.3) == 5504
-  assert efficientnet.round_filters(16, 0.25) == 8   # never below the divisor
+  assert efficientnet.round_filters(16, 0.25) == 8  # never below the divisor
   assert efficientnet.round_repeats(3, 3.1) == 10
   blocks = efficientnet.block_table(1.0, 1.0)
   assert len(blocks) == 16
@@ -77,8 +82,7 @@ def test_convolutions_match_tensorflow_same_padding(size, kernel, stride, channe
   tf_dw = tf.nn.depthwise_conv2d(x, dw, [1, stride, stride, 1], "SAME").numpy()
   tf_full = tf.nn.conv2d(x, full, stride, "SAME").numpy()
   for impl in ("xla", "shifted"):
-    ours_dw = ops.depthwise_conv2d(jnp.asarray(x), jnp.asarray(dw.transpose(0, 1, 3, 2)),
-                                   stride, impl)
+    ours_dw = ops.depthwise_conv2d(jnp.asarray(x), jnp.asarray(dw.transpose(0, 1, 3, 2)), stride, impl)
     np.testing.assert_allclose(ours_dw, tf_dw, atol=1e-4, rtol=1e-4, err_msg=impl)
     ours_full = ops.conv2d(jnp.asarray(x), jnp.asarray(full), stride, impl)
     np.testing.assert_allclose(ours_full, tf_full, atol=1e-4, rtol=1e-4, err_msg=impl)
@@ -112,8 +116,9 @@ def test_few_channel_convolution_gradients_match_xla(size, stride):
     results[impl] = (out, *vjp(g))
   assert_trees_close(results["shifted"], results["xla"], rtol=1e-5, atol=1e-6)
   # and without gradients the direct form gives the same outputs
-  assert_trees_close(jax.jit(lambda x, w: ops.conv2d(x, w, stride, "shifted"))(x, w), results["xla"][0],
-                     rtol=1e-5, atol=1e-6)
+  assert_trees_close(
+    jax.jit(lambda x, w: ops.conv2d(x, w, stride, "shifted"))(x, w), results["xla"][0], rtol=1e-5, atol=1e-6
+  )
 
 
 def test_fused_batch_norm_matches_autodiff_of_the_textbook_formula():
@@ -145,10 +150,15 @@ def test_fused_batch_norm_matches_autodiff_of_the_textbook_formula():
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _loss_and_grads(model, variables, images, train):
   def loss(params):
-    logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                            images, train=train, mutable=["batch_stats"],
-                            rngs={"dropout": jax.random.key(3)})
+    logits, _ = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      images,
+      train=train,
+      mutable=["batch_stats"],
+      rngs={"dropout": jax.random.key(3)},
+    )
     return jnp.sum(jnp.sin(logits)), logits
+
   (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
   return logits, grads
 
@@ -156,8 +166,7 @@ def _loss_and_grads(model, variables, images, train):
 @pytest.mark.parametrize("size", [16, 17])
 def test_whole_model_is_the_same_with_either_implementation(size):
   model, variables, images = init_tiny(size=size, dropout_rate=0.0, survival_prob=1.0)
-  results = {impl: _loss_and_grads(model.clone(conv_impl=impl), variables, images, True)
-             for impl in ("xla", "shifted")}
+  results = {impl: _loss_and_grads(model.clone(conv_impl=impl), variables, images, True) for impl in ("xla", "shifted")}
   # Every element within 1e-3 of itself plus 1e-3 of its leaf's largest value: sums reassociate. The
   # gradients reach ~1e3; those zero in exact arithmetic (a bias feeding batch norm) hold ~1e-4 of float
   # noise, under the floor's 1e-3.
@@ -178,12 +187,14 @@ def test_eval_mode_is_deterministic_and_ignores_rngs():
 
 def test_train_mode_noise_differs_per_rng_and_dropout_matches_eval_in_expectation():
   model, variables, images = init_tiny(dropout_rate=0.5, survival_prob=1.0, batch=8)
-  apply = jax.jit(lambda key: model.apply(variables, images, train=True,
-                                          mutable=["batch_stats"], rngs={"dropout": key})[0])
+  apply = jax.jit(
+    lambda key: model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key})[0]
+  )
   first, second = apply(jax.random.key(1)), apply(jax.random.key(2))
   assert not np.allclose(first, second)
-  clean = jax.jit(lambda v: model.clone(dropout_rate=0.0).apply(
-      v, images, train=True, mutable=["batch_stats"])[0])(variables)
+  clean = jax.jit(lambda v: model.clone(dropout_rate=0.0).apply(v, images, train=True, mutable=["batch_stats"])[0])(
+    variables
+  )
   samples = np.asarray(jax.vmap(apply)(jax.random.split(jax.random.key(0), 400)))
   # Dropout before the (linear) classifier is unbiased: E[noised] == clean,
   # checked to 5 standard errors of the Monte Carlo mean.
@@ -216,8 +227,9 @@ def test_stochastic_depth_is_linear_in_depth_and_only_on_skip_blocks():
     model = create_model(name, num_classes=10, dropout_rate=0.0, survival_prob=0.5)
     images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), images)
-    run = jax.jit(lambda key: model.apply(variables, images, train=True,
-                                          mutable=["batch_stats"], rngs={"dropout": key})[0])
+    run = jax.jit(
+      lambda key: model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key})[0]
+    )
     outputs_differ = not np.allclose(run(jax.random.key(1)), run(jax.random.key(2)))
     assert outputs_differ == has_random_blocks, name
 
@@ -232,8 +244,9 @@ def test_gradients_reach_every_parameter():
 
 def test_batch_stats_update_with_momentum_in_train_mode():
   model, variables, images = init_tiny(bn_momentum=0.9)
-  _, updated = jax.jit(lambda v: model.apply(v, images, train=True, mutable=["batch_stats"],
-                                              rngs={"dropout": jax.random.key(0)}))(variables)
+  _, updated = jax.jit(
+    lambda v: model.apply(v, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
+  )(variables)
   stem = updated["batch_stats"]["stem_bn"]
   x = ops.conv2d(images, variables["params"]["stem_conv"]["kernel"], 2, "xla")
   np.testing.assert_allclose(stem["mean"], 0.1 * x.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
@@ -243,8 +256,9 @@ def test_batch_stats_update_with_momentum_in_train_mode():
 def test_small_image_keeps_stages_two_and_three_at_stride_one():
   for small_image, head_size in ((False, 1), (True, 4)):
     model, variables, images = init_tiny(size=32, small_image=small_image)
-    _, state = jax.eval_shape(functools.partial(
-        model.apply, train=False, capture_intermediates=True), variables, images)
+    _, state = jax.eval_shape(
+      functools.partial(model.apply, train=False, capture_intermediates=True), variables, images
+    )
     head = state["intermediates"]["head_conv"]["__call__"][0]
     assert head.shape[1:3] == (head_size, head_size)
 

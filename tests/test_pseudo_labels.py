@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from noisy_student import outputs, pseudo_labels as pl
+from noisy_student import outputs
+from noisy_student import pseudo_labels as pl
 from noisy_student.data import sources
 
 ONE = dict(process_index=0, process_count=1)
@@ -35,9 +36,14 @@ def _write_labels(folder, items, num_shards=1, num_bins=10, num_classes=10, mani
     with tf.io.TFRecordWriter(os.path.join(folder, pl.shard_name(s, num_shards))) as w:
       for key, label, conf in mine:
         w.write(pl.make_example(b"not decoded here", key.encode(), _probs(label, conf, num_classes)))
-    parts.append(pl.shard_stats(np.array([m[1] for m in mine], np.int64),
-                                np.array([_probs(m[1], m[2], num_classes)[m[1]] for m in mine]),
-                                num_classes, num_bins))
+    parts.append(
+      pl.shard_stats(
+        np.array([m[1] for m in mine], np.int64),
+        np.array([_probs(m[1], m[2], num_classes)[m[1]] for m in mine]),
+        num_classes,
+        num_bins,
+      )
+    )
     shards.append({"file": pl.shard_name(s, num_shards), "examples": len(mine)})
   stats = pl.merge_stats(parts)
   stats["shards"] = shards
@@ -52,11 +58,17 @@ def _write_labels(folder, items, num_shards=1, num_bins=10, num_classes=10, mani
 #   class 1: 2 x 0.45 (bin 4) above, 4 x 0.25 (bin 2) below: each of the 2 repeated 3 times
 #   class 2: 3 x 0.75: each twice;  class 3: 4 x 0.65: 1.5 copies each (4 + a hashed 0..4)
 #   class 4: 1 x 0.2, below the threshold: nothing
-HAND = ([(f"c0_hi{i}", 0, 0.95) for i in range(5)] + [(f"c0_mid{i}", 0, 0.55) for i in range(3)]
-        + [(f"c0_low{i}", 0, 0.35) for i in range(2)] + [("c0_out", 0, 0.15)]
-        + [(f"c1_in{i}", 1, 0.45) for i in range(2)] + [(f"c1_out{i}", 1, 0.25) for i in range(4)]
-        + [(f"c2_{i}", 2, 0.75) for i in range(3)] + [(f"c3_{i}", 3, 0.65) for i in range(4)]
-        + [("c4_out", 4, 0.2)])
+HAND = (
+  [(f"c0_hi{i}", 0, 0.95) for i in range(5)]
+  + [(f"c0_mid{i}", 0, 0.55) for i in range(3)]
+  + [(f"c0_low{i}", 0, 0.35) for i in range(2)]
+  + [("c0_out", 0, 0.15)]
+  + [(f"c1_in{i}", 1, 0.45) for i in range(2)]
+  + [(f"c1_out{i}", 1, 0.25) for i in range(4)]
+  + [(f"c2_{i}", 2, 0.75) for i in range(3)]
+  + [(f"c3_{i}", 3, 0.65) for i in range(4)]
+  + [("c4_out", 4, 0.2)]
+)
 
 
 def test_selection_matches_the_hand_computed_example(tmp_path):
@@ -89,8 +101,7 @@ def test_selection_matches_the_hand_computed_example(tmp_path):
   assert [got[f"c2_{i}"] for i in range(3)] == [2, 2, 2]
   assert [got[f"c3_{i}"] for i in range(4)] == [1 + int(_unit_hash(f"0:copy:c3_{i}") < 0.5) for i in range(4)]
   # Deterministic: the same seed keeps the same records; another seed may choose others but as many whole.
-  again = sources.open_source(str(tmp_path / "labels-*.tfrecord"), with_key=True, copies=pl.copies_fn(sel, 0),
-                              **ONE)
+  again = sources.open_source(str(tmp_path / "labels-*.tfrecord"), with_key=True, copies=pl.copies_fn(sel, 0), **ONE)
   assert collections.Counter(ex["key"].decode() for ex in again.dataset.as_numpy_iterator()) == got
 
 
@@ -103,8 +114,10 @@ def test_hashed_fractions_hit_n_in_expectation_and_processes_agree(tmp_path):
   sel = pl.select(stats, threshold=0.3, per_class=1000)
   assert sel["classes"][0]["cutoff_fraction"] == pytest.approx(1 / 3) and sel["classes"][1]["copies"] == 2.5
   spec = str(tmp_path / "labels-*.tfrecord")
-  whole = collections.Counter(ex["key"].decode() for ex in sources.open_source(
-      spec, with_key=True, copies=pl.copies_fn(sel, 7), **ONE).dataset.as_numpy_iterator())
+  whole = collections.Counter(
+    ex["key"].decode()
+    for ex in sources.open_source(spec, with_key=True, copies=pl.copies_fn(sel, 7), **ONE).dataset.as_numpy_iterator()
+  )
   n_a = sum(v for k, v in whole.items() if k.startswith("a"))
   n_b = sum(v for k, v in whole.items() if k.startswith("b"))
   # Binomial(3000, 1/3): sd 26; 400 + Binomial(400, 1/2): sd 10. Four sd either side.
@@ -113,8 +126,7 @@ def test_hashed_fractions_hit_n_in_expectation_and_processes_agree(tmp_path):
   # Two processes, each reading its own shards, select exactly the records one process selects.
   parts = collections.Counter()
   for p in range(2):
-    src = sources.open_source(spec, with_key=True, copies=pl.copies_fn(sel, 7), process_index=p,
-                              process_count=2)
+    src = sources.open_source(spec, with_key=True, copies=pl.copies_fn(sel, 7), process_index=p, process_count=2)
     parts.update(ex["key"].decode() for ex in src.dataset.as_numpy_iterator())
   assert parts == whole
 

@@ -61,20 +61,27 @@ def test_state_shardings_shard_params_moments_and_ema_copies_alike():
   tx = train.create_optimizer("rmsprop", 0.1, weight_decay=1e-5)
   state = jax.eval_shape(lambda: train.create_train_state(model, tx, jax.random.key(0), 16))
   mesh = sharding.create_mesh(4, 2)
-  specs = {jax.tree_util.keystr(path): s.spec for path, s in
-           jax.tree_util.tree_leaves_with_path(sharding.state_shardings(state, mesh, "fsdp"))}
+  specs = {
+    jax.tree_util.keystr(path): s.spec
+    for path, s in jax.tree_util.tree_leaves_with_path(sharding.state_shardings(state, mesh, "fsdp"))
+  }
   split = {k: v for k, v in specs.items() if v != PartitionSpec()}
   # efficientnet-tiny has two arrays of 2**14 elements or more; each is split alike in the params, both
   # RMSProp moments and the EMA copy.
-  kernels = {"['blocks_6']['project_conv']['kernel']": PartitionSpec(None, None, "fsdp"),  # (1, 1, 288, 80)
-             "['head_conv']['kernel']": PartitionSpec(None, None, None, "fsdp")}  # (1, 1, 80, 320)
+  kernels = {
+    "['blocks_6']['project_conv']['kernel']": PartitionSpec(None, None, "fsdp"),  # (1, 1, 288, 80)
+    "['head_conv']['kernel']": PartitionSpec(None, None, None, "fsdp"),
+  }  # (1, 1, 80, 320)
   copies = (".params", ".ema_params", ".opt_state[1][0].nu", ".opt_state[1][2].trace")
   assert split == {prefix + k: v for prefix in copies for k, v in kernels.items()}
-  assert all(isinstance(s, NamedSharding) and s.mesh == mesh
-             for s in jax.tree.leaves(sharding.state_shardings(state, mesh, "fsdp")))
+  assert all(
+    isinstance(s, NamedSharding) and s.mesh == mesh
+    for s in jax.tree.leaves(sharding.state_shardings(state, mesh, "fsdp"))
+  )
   # 'replicate', or 'fsdp' on a mesh without an fsdp axis, replicate everything.
   assert set(jax.tree.leaves(jax.tree.map(lambda s: s.spec, sharding.state_shardings(state, mesh)))) == {
-      PartitionSpec()}
+    PartitionSpec()
+  }
   flat = sharding.state_shardings(state, sharding.create_mesh(), "fsdp")
   assert {s.spec for s in jax.tree.leaves(flat)} == {PartitionSpec()}
   with pytest.raises(ValueError, match=r"param_sharding='zero'; expected one of \('replicate', 'fsdp'\)"):
@@ -88,16 +95,18 @@ def test_an_fsdp_array_keeps_one_slice_per_fsdp_index_replicated_over_data():
   assert placed.sharding.spec == PartitionSpec(None, "fsdp")
   for shard in placed.addressable_shards:
     column = shard.device.id % 2  # the fsdp index: devices 0, 2, 4, 6 hold the first half
-    np.testing.assert_array_equal(shard.data, kernel[:, column * 1024:(column + 1) * 1024])
+    np.testing.assert_array_equal(shard.data, kernel[:, column * 1024 : (column + 1) * 1024])
   np.testing.assert_array_equal(np.asarray(placed), kernel)
 
 
 def test_host_batch_becomes_a_global_batch_split_in_device_order_and_comes_back_exactly():
   mesh = sharding.create_mesh(4, 2)
   rng = np.random.default_rng(0)
-  batch = {"image": rng.integers(0, 256, (16, 4, 4, 3), dtype=np.uint8),
-           "targets": rng.dirichlet(np.ones(10), 16).astype(np.float32),
-           "is_labeled": np.arange(16) < 8}
+  batch = {
+    "image": rng.integers(0, 256, (16, 4, 4, 3), dtype=np.uint8),
+    "targets": rng.dirichlet(np.ones(10), 16).astype(np.float32),
+    "is_labeled": np.arange(16) < 8,
+  }
   on_devices = sharding.host_to_global(batch, mesh)
   assert on_devices.keys() == batch.keys()
   for name, x in on_devices.items():
@@ -105,7 +114,7 @@ def test_host_batch_becomes_a_global_batch_split_in_device_order_and_comes_back_
     assert x.sharding == sharding.batch_sharding(mesh) == NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     for shard in x.addressable_shards:  # device i holds rows 2i, 2i + 1
       i = shard.device.id
-      np.testing.assert_array_equal(shard.data, batch[name][2 * i:2 * i + 2])
+      np.testing.assert_array_equal(shard.data, batch[name][2 * i : 2 * i + 2])
     back = multihost_utils.global_array_to_host_local_array(x, mesh, PartitionSpec(sharding.BATCH_AXES))
     np.testing.assert_array_equal(np.asarray(back), batch[name], strict=True)
     np.testing.assert_array_equal(np.asarray(x), batch[name], strict=True)

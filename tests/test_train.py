@@ -25,8 +25,11 @@ def make_batch(step, batch=BATCH):
   soft = rng.dirichlet(np.ones(NUM_CLASSES), batch).astype(np.float32)
   is_labeled = np.arange(batch) < batch // 2
   targets = np.where(is_labeled[:, None], np.eye(NUM_CLASSES, dtype=np.float32)[labels], soft)
-  return {"image": rng.normal(size=(batch, IMAGE, IMAGE, 3)).astype(np.float32),
-          "targets": targets.astype(np.float32), "is_labeled": is_labeled}
+  return {
+    "image": rng.normal(size=(batch, IMAGE, IMAGE, 3)).astype(np.float32),
+    "targets": targets.astype(np.float32),
+    "is_labeled": is_labeled,
+  }
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,7 @@ def setup():
   """One model / optimizer / initial state for the module (the jitted init costs ~15 s on CPU)."""
   model = create_model("efficientnet-tiny", num_classes=NUM_CLASSES)
   # No warmup, so the first step already moves the weights.
-  schedule = train.learning_rate_schedule(0.4, BATCH * 16, steps_per_epoch=10, total_steps=100,
-                                          warmup_epochs=0)
+  schedule = train.learning_rate_schedule(0.4, BATCH * 16, steps_per_epoch=10, total_steps=100, warmup_epochs=0)
   tx = train.create_optimizer("rmsprop", schedule, weight_decay=1e-5)
   state = jax.device_get(train.create_train_state(model, tx, jax.random.key(0), IMAGE))
   return model, tx, schedule, state
@@ -52,10 +54,13 @@ def _step_fn(setup, mesh_shape, param_sharding="replicate"):
   if key not in _STEP_FNS:
     model, tx, schedule, init = setup
     data, fsdp = mesh_shape
-    mesh = sharding.create_mesh(data, fsdp, devices=jax.devices()[:data * fsdp])
+    mesh = sharding.create_mesh(data, fsdp, devices=jax.devices()[: data * fsdp])
     shardings = sharding.state_shardings(init, mesh, param_sharding)
-    _STEP_FNS[key] = mesh, shardings, train.make_train_step(model, tx, mesh, schedule=schedule,
-                                                            state_shardings=shardings)
+    _STEP_FNS[key] = (
+      mesh,
+      shardings,
+      train.make_train_step(model, tx, mesh, schedule=schedule, state_shardings=shardings),
+    )
   return _STEP_FNS[key]
 
 
@@ -73,8 +78,7 @@ def run_steps(setup, mesh_shape, start_state, first, last, param_sharding="repli
   return jax.device_get(state), metrics
 
 
-@pytest.mark.parametrize("mesh_shape,param_sharding", [((4, 2), "replicate"), ((8, 1), "replicate"),
-                                                        ((2, 4), "fsdp")])
+@pytest.mark.parametrize("mesh_shape,param_sharding", [((4, 2), "replicate"), ((8, 1), "replicate"), ((2, 4), "fsdp")])
 @needs_8_devices
 def test_train_step_on_8_devices_matches_1_device(setup, mesh_shape, param_sharding):
   init = setup[3]
@@ -92,9 +96,11 @@ def test_train_step_on_8_devices_matches_1_device(setup, mesh_shape, param_shard
     assert_trees_close(getattr(many, name), getattr(one, name), atol=1e-4, floor=1e-2)
   # EMA warm-up: after step 0 the average is 0.1 * old + 0.9 * new.
   np.testing.assert_allclose(
-      one.ema_params["classifier"]["kernel"],
-      0.1 * init.params["classifier"]["kernel"] + 0.9 * one.params["classifier"]["kernel"],
-      rtol=1e-5, atol=1e-7)
+    one.ema_params["classifier"]["kernel"],
+    0.1 * init.params["classifier"]["kernel"] + 0.9 * one.params["classifier"]["kernel"],
+    rtol=1e-5,
+    atol=1e-7,
+  )
 
 
 def test_kill_and_resume_is_bit_identical(setup, tmp_path):
@@ -108,8 +114,7 @@ def test_kill_and_resume_is_bit_identical(setup, tmp_path):
   del first
   # "Restart": a fresh state of the same model, overwritten by the latest checkpoint.
   mesh, _, _ = _step_fn(setup, (1, 1))
-  restored = checkpoint.restore_latest(checkpoint.create_manager(str(tmp_path / "ckpt")),
-                                       train.replicate(init, mesh))
+  restored = checkpoint.restore_latest(checkpoint.create_manager(str(tmp_path / "ckpt")), train.replicate(init, mesh))
   assert int(restored.step) == 2
   resumed, resumed_metrics = run_steps(setup, (1, 1), restored, int(restored.step), 3)
 
@@ -125,8 +130,10 @@ def test_restore_with_other_class_count_names_the_variable(setup, tmp_path):
   manager.wait_until_finished()
   other = create_model("efficientnet-tiny", num_classes=NUM_CLASSES + 1)
   template = jax.eval_shape(lambda: train.create_train_state(other, tx, jax.random.key(0), IMAGE))
-  with pytest.raises(checkpoint.CheckpointMismatchError,
-                     match=r"params/classifier/bias: checkpoint .* shape \(10,\), model expects \(11,\)"):
+  with pytest.raises(
+    checkpoint.CheckpointMismatchError,
+    match=r"params/classifier/bias: checkpoint .* shape \(10,\), model expects \(11,\)",
+  ):
     checkpoint.restore_latest(manager, template)
 
 
@@ -136,11 +143,10 @@ def test_learning_rate_schedule_numbers():
   lr = train.learning_rate_schedule(0.016, 1024, steps_per_epoch=100, total_steps=3000, warmup_epochs=1)
   np.testing.assert_allclose([lr(0), lr(50), lr(100)], [0.0, peak / 2, peak], rtol=1e-6)
   # Staircase: x0.97 once 2.4 epochs (240 steps) have passed, counted from step 0 as in TF.
-  np.testing.assert_allclose([lr(239), lr(240), lr(480)], [peak, peak * 0.97, peak * 0.97 ** 2],
-                             rtol=1e-6)
+  np.testing.assert_allclose([lr(239), lr(240), lr(480)], [peak, peak * 0.97, peak * 0.97**2], rtol=1e-6)
   # With TF's rule a 5-epoch warmup ends at floor(5 / 2.4) = 2 decays.
   lr5 = train.learning_rate_schedule(0.016, 1024, 100, 3000, warmup_epochs=5)
-  np.testing.assert_allclose([lr5(499), lr5(500)], [peak * 499 / 500, peak * 0.97 ** 2], rtol=1e-6)
+  np.testing.assert_allclose([lr5(499), lr5(500)], [peak * 499 / 500, peak * 0.97**2], rtol=1e-6)
   cos = train.learning_rate_schedule(0.1, 256, 100, total_steps=1000, warmup_epochs=0, schedule="cosine")
   np.testing.assert_allclose([cos(0), cos(500), cos(1000)], [0.1, 0.05, 0.0], rtol=1e-6, atol=1e-9)
   with pytest.raises(ValueError, match="linear"):
@@ -150,17 +156,22 @@ def test_learning_rate_schedule_numbers():
 def test_ema_warmup_rule():
   np.testing.assert_allclose(train.ema_decay_at(0, 0.9999), 0.1, rtol=1e-6)
   np.testing.assert_allclose(train.ema_decay_at(90, 0.9999), 0.91, rtol=1e-6)
-  np.testing.assert_allclose(train.ema_decay_at(10 ** 6, 0.9999), 0.9999, rtol=1e-7)
+  np.testing.assert_allclose(train.ema_decay_at(10**6, 0.9999), 0.9999, rtol=1e-7)
 
 
 def test_weight_decay_mask_skips_batch_norm_only():
-  params = {"stem_conv": {"kernel": 1.0}, "stem_bn": {"scale": 1.0, "bias": 1.0},
-            "blocks_0": {"se": {"reduce": {"bias": 1.0}}, "project_bn": {"scale": 1.0}},
-            "classifier": {"bias": 1.0}}
+  params = {
+    "stem_conv": {"kernel": 1.0},
+    "stem_bn": {"scale": 1.0, "bias": 1.0},
+    "blocks_0": {"se": {"reduce": {"bias": 1.0}}, "project_bn": {"scale": 1.0}},
+    "classifier": {"bias": 1.0},
+  }
   assert train.weight_decay_mask(params) == {
-      "stem_conv": {"kernel": True}, "stem_bn": {"scale": False, "bias": False},
-      "blocks_0": {"se": {"reduce": {"bias": True}}, "project_bn": {"scale": False}},
-      "classifier": {"bias": True}}
+    "stem_conv": {"kernel": True},
+    "stem_bn": {"scale": False, "bias": False},
+    "blocks_0": {"se": {"reduce": {"bias": True}}, "project_bn": {"scale": False}},
+    "classifier": {"bias": True},
+  }
 
 
 def test_rmsprop_first_two_steps_match_tf_formula():
@@ -176,7 +187,7 @@ def test_rmsprop_first_two_steps_match_tf_formula():
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     for k, g in (("w", np.array([0.5, 0.25]) + wd * p["w"]), ("x_bn", np.array([1.0]))):
-      ms[k] = 0.9 * ms[k] + 0.1 * g ** 2
+      ms[k] = 0.9 * ms[k] + 0.1 * g**2
       mom[k] = 0.9 * mom[k] + lr * g / np.sqrt(ms[k] + eps)
       p[k] = p[k] - mom[k]
   np.testing.assert_allclose(params["w"], p["w"], rtol=1e-6)
@@ -205,11 +216,10 @@ def test_loss_is_smoothed_ce_on_labeled_plus_soft_ce_on_pseudo_labeled():
   targets = np.array([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5], [1.0, 0.0, 0.0]], np.float32)
   is_labeled = np.array([True, False, True])
   batch = {"image": np.zeros((3, 1, 1, 3), np.float32), "targets": targets, "is_labeled": is_labeled}
-  loss, (_, metrics) = train.loss_fn({}, {}, batch, jax.random.key(0), model=FixedLogits(logits),
-                                     label_smoothing=0.1)
+  loss, (_, metrics) = train.loss_fn({}, {}, batch, jax.random.key(0), model=FixedLogits(logits), label_smoothing=0.1)
   ls = log_softmax(logits)
   smoothed = np.array([1 - 0.1 + 0.1 / 3, 0.1 / 3, 0.1 / 3])
-  row0 = -np.sum(smoothed * ls[0])                 # labeled, label smoothing
+  row0 = -np.sum(smoothed * ls[0])  # labeled, label smoothing
   row1 = -np.sum(np.array([0.2, 0.3, 0.5]) * ls[1])  # pseudo-labeled: teacher distribution as is
   row2 = -np.sum(smoothed * ls[2])
   np.testing.assert_allclose(loss, (row0 + row1 + row2) / 3, rtol=1e-6)
@@ -246,7 +256,6 @@ def test_uint8_pixels_train_as_the_host_standardized_ones(setup, normalization):
 
 
 def test_explicit_axis_mesh_is_refused(setup):
-  mesh = jax.make_mesh((jax.device_count(), 1), sharding.BATCH_AXES,
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  mesh = jax.make_mesh((jax.device_count(), 1), sharding.BATCH_AXES, axis_types=(jax.sharding.AxisType.Explicit,) * 2)
   with pytest.raises(ValueError, match="AxisType.Auto"):
     train.make_train_step(setup[0], setup[1], mesh)

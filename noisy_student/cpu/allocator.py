@@ -29,8 +29,9 @@ import pkgutil
 import sys
 
 _MARK = "NOISY_STUDENT_ALLOCATOR"
-_GLIBC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=4294967295:"
-                   "glibc.malloc.mmap_threshold=4294967295")
+_GLIBC_TUNABLES = (
+  "glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=4294967295:glibc.malloc.mmap_threshold=4294967295"
+)
 _CPU_XLA_FLAGS = "--xla_cpu_prefer_vector_width=512"
 # Temporaries in heaps of at most 1 GiB, below the 2 GiB over which mimalloc unmaps a block on free
 # (b0's train step at batch 32: 3.294 GB of temporaries either way).
@@ -54,8 +55,7 @@ def _find_tcmalloc():
   name = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
   if name and os.path.isabs(name):
     return name
-  for pattern in ("/usr/lib/*/libtcmalloc_minimal.so.4", "/usr/lib/*/libtcmalloc.so.4",
-                  "/usr/lib/libtcmalloc*.so.4"):
+  for pattern in ("/usr/lib/*/libtcmalloc_minimal.so.4", "/usr/lib/*/libtcmalloc.so.4", "/usr/lib/libtcmalloc*.so.4"):
     found = sorted(glob.glob(pattern))
     if found:
       return found[0]

@@ -8,9 +8,18 @@ import tensorflow as tf
 
 tf.config.set_visible_devices([], "GPU")
 
-from noisy_student.data import digits  # pylint: disable=g-import-not-at-top,wrong-import-position  # registers 'digits'
-from noisy_student.data.pipeline import Noise, eval_iterator, train_batch_spec, train_iterator  # pylint: disable=g-import-not-at-top,wrong-import-position
-from noisy_student.data.sources import DatasetNotPreparedError, Source, open_source  # pylint: disable=g-import-not-at-top,wrong-import-position
+# After hiding the GPUs: these import TensorFlow's data stack.
+from noisy_student.data import digits  # noqa: E402  (registers 'digits')
+from noisy_student.data.pipeline import Noise, eval_iterator, train_batch_spec, train_iterator  # noqa: E402
+from noisy_student.data.sources import DatasetNotPreparedError, Source, open_source  # noqa: E402
 
-__all__ = ["Noise", "Source", "DatasetNotPreparedError", "digits", "eval_iterator", "open_source",
-           "train_batch_spec", "train_iterator"]
+__all__ = [
+  "Noise",
+  "Source",
+  "DatasetNotPreparedError",
+  "digits",
+  "eval_iterator",
+  "open_source",
+  "train_batch_spec",
+  "train_iterator",
+]

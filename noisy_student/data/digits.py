@@ -21,6 +21,7 @@ SPLIT_SEED = 0
 def digits_arrays():
   """(images uint8 [1797, 8, 8, 1], labels int64 [1797]) from scikit-learn."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
   raw = datasets.load_digits()
   images = np.round(raw.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
   return images, raw.target.astype(np.int64)
@@ -29,9 +30,9 @@ def digits_arrays():
 def split_indices():
   """Fixed stratified split: {'train': indices, 'test': indices} into the scikit-learn order."""
   from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
+
   _, labels = digits_arrays()
-  train, test = train_test_split(np.arange(len(labels)), test_size=NUM_TEST, stratify=labels,
-                                 random_state=SPLIT_SEED)
+  train, test = train_test_split(np.arange(len(labels)), test_size=NUM_TEST, stratify=labels, random_state=SPLIT_SEED)
   return {"train": interleave_classes(train, labels[train]), "test": np.sort(test)}
 
 
@@ -49,20 +50,24 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's handwritten digits (UCI optdigits test set), 8x8, 10 classes."""
 
   VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release: 1,300 train / 497 test, stratified, seed 0.",
-                   "1.1.0": "Train split stored class-interleaved, read unshuffled: train[:10*k] has k per class."}
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release: 1,300 train / 497 test, stratified, seed 0.",
+    "1.1.0": "Train split stored class-interleaved, read unshuffled: train[:10*k] has k per class.",
+  }
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(8, 8, 1), encoding_format="png"),
-            "label": tfds.features.ClassLabel(num_classes=10),
-            "id": np.int64,  # index into sklearn.datasets.load_digits()
-        }),
-        supervised_keys=("image", "label"),
-        disable_shuffling=True,  # keep the class-interleaved order
-        homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(8, 8, 1), encoding_format="png"),
+          "label": tfds.features.ClassLabel(num_classes=10),
+          "id": np.int64,  # index into sklearn.datasets.load_digits()
+        }
+      ),
+      supervised_keys=("image", "label"),
+      disable_shuffling=True,  # keep the class-interleaved order
+      homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
     )
 
   def _split_generators(self, dl_manager):

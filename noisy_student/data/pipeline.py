@@ -45,6 +45,7 @@ class Noise:
   RandAugment with translate and cutout constants of image_size // 8 pixels, then a Cutout of side
   image_size // 2, then the reflect-pad crop and flip (`_small_image_noise`).
   """
+
   randaugment_layers: int = 0  # N; 0 disables RandAugment
   randaugment_magnitude: float = 0.0  # M on the official 0..10 scale (larger is allowed)
 
@@ -78,8 +79,15 @@ def example_seed(seed: int, stream: int, process_index: int, position) -> tf.Ten
   return tf.random.experimental.stateless_fold_in(base, tf.cast(position, tf.int64))
 
 
-def stream(source: Source, *, start: int, seed: int, stream_id: int, cache: Optional[bool] = None,
-           shuffle_buffer: int = SHUFFLE_BUFFER) -> tf.data.Dataset:
+def stream(
+  source: Source,
+  *,
+  start: int,
+  seed: int,
+  stream_id: int,
+  cache: Optional[bool] = None,
+  shuffle_buffer: int = SHUFFLE_BUFFER,
+) -> tf.data.Dataset:
   """Endless (position, raw example) from stream position `start`; epochs reshuffled per (seed, epoch)."""
   n = source.num_examples
   if n <= 0:
@@ -91,8 +99,7 @@ def stream(source: Source, *, start: int, seed: int, stream_id: int, cache: Opti
   epoch0, offset = divmod(start, n)
 
   def one_epoch(epoch):
-    return records.shuffle(buffer, seed=_epoch_seed(seed, stream_id, epoch),
-                           reshuffle_each_iteration=False)
+    return records.shuffle(buffer, seed=_epoch_seed(seed, stream_id, epoch), reshuffle_each_iteration=False)
 
   ds = tf.data.Dataset.range(epoch0, 2**62).flat_map(one_epoch).skip(offset)
   return ds.enumerate(start=start)
@@ -110,27 +117,46 @@ def _small_image_noise(images, draws, cutout_centers, pad_crop, noise: Noise, pa
   """The official small-image training noise on a uint8 [b, size, size, 3] batch: RandAugment with
   translate and cutout constants of size // 8 pixels, a Cutout of side size // 2 (fill 128), then the
   reflect-pad crop and flip."""
-  images = ra.randaugment_batch(images, draws, noise.randaugment_magnitude, translate_const=size // 8,
-                                cutout_const=size // 8)
+  images = ra.randaugment_batch(
+    images, draws, noise.randaugment_magnitude, translate_const=size // 8, cutout_const=size // 8
+  )
   images = ra.cutout_at(images, size // 4, cutout_centers)
   return preprocess.pad_crop_batch(images, pad_crop["offset"], pad_crop["flip"], pad)
 
 
-def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, stream_id, crop, flip,
-                   pad, noise, cache, shuffle_buffer, is_labeled, rows=(0, 1)):
+def _batched_train(
+  source,
+  *,
+  batch,
+  start_step,
+  image_size,
+  num_classes,
+  seed,
+  stream_id,
+  crop,
+  flip,
+  pad,
+  noise,
+  cache,
+  shuffle_buffer,
+  is_labeled,
+  rows=(0, 1),
+):
   scale = noise.geometry_scale(image_size)
   row, of = rows  # this process's share of every global batch of a source read whole (global order)
   small = crop == "pad_crop" and noise.randaugment_layers > 0  # crops after RandAugment: see Noise
 
   def prepare(position, ex):
-    s = tf.random.experimental.stateless_split(
-        example_seed(seed, stream_id, source.process_index, position), 2)
+    s = tf.random.experimental.stateless_split(example_seed(seed, stream_id, source.process_index, position), 2)
     if small:
       image = preprocess.to_size(preprocess.decode(ex["image"]), image_size)
     else:
       image = preprocess.train_image(ex["image"], image_size, s[0], crop=crop, flip=flip, pad=pad)
-    out = {"image": tf.ensure_shape(image, [image_size, image_size, 3]),
-           "targets": _targets(ex, num_classes), "is_labeled": tf.constant(is_labeled)}
+    out = {
+      "image": tf.ensure_shape(image, [image_size, image_size, 3]),
+      "targets": _targets(ex, num_classes),
+      "is_labeled": tf.constant(is_labeled),
+    }
     if noise.randaugment_layers:  # drawn per example (resumable), applied per batch (fast)
       out["randaugment"] = ra.sample_layers(s[1], noise.randaugment_layers)
     if small:
@@ -143,17 +169,21 @@ def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, 
     images = batch_.pop("image")
     draws = batch_.pop("randaugment", None)
     if small:
-      images = _small_image_noise(images, draws, batch_.pop("cutout"), batch_.pop("pad_crop"), noise, pad,
-                                  image_size)
+      images = _small_image_noise(images, draws, batch_.pop("cutout"), batch_.pop("pad_crop"), noise, pad, image_size)
     elif draws is not None:
-      images = ra.randaugment_batch(images, draws, noise.randaugment_magnitude,
-                                    translate_const=ra.TRANSLATE_CONST * scale,
-                                    cutout_const=ra.CUTOUT_CONST * scale)
+      images = ra.randaugment_batch(
+        images,
+        draws,
+        noise.randaugment_magnitude,
+        translate_const=ra.TRANSLATE_CONST * scale,
+        cutout_const=ra.CUTOUT_CONST * scale,
+      )
     return dict(batch_, image=images)
 
   global_batch = batch * of
-  ds = stream(source, start=start_step * global_batch, seed=seed, stream_id=stream_id, cache=cache,
-              shuffle_buffer=shuffle_buffer)
+  ds = stream(
+    source, start=start_step * global_batch, seed=seed, stream_id=stream_id, cache=cache, shuffle_buffer=shuffle_buffer
+  )
   if of > 1:  # keep this process's rows of each global batch, before decoding anything
     ds = ds.filter(lambda position, ex: (position % global_batch) // batch == row)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -161,11 +191,24 @@ def _batched_train(source, *, batch, start_step, image_size, num_classes, seed, 
   return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def train_dataset(labeled: Source, *, batch_size: int, image_size: int, seed: int, start_step: int = 0,
-                  unlabeled: Optional[Source] = None, unlabeled_batch_size: int = 0,
-                  num_classes: Optional[int] = None, crop: str = "inception", flip: bool = True,
-                  pad: int = 4, noise: Noise = Noise(), cache: Optional[bool] = None,
-                  shuffle_buffer: int = SHUFFLE_BUFFER, global_rows: Tuple[int, int] = (0, 1)) -> tf.data.Dataset:
+def train_dataset(
+  labeled: Source,
+  *,
+  batch_size: int,
+  image_size: int,
+  seed: int,
+  start_step: int = 0,
+  unlabeled: Optional[Source] = None,
+  unlabeled_batch_size: int = 0,
+  num_classes: Optional[int] = None,
+  crop: str = "inception",
+  flip: bool = True,
+  pad: int = 4,
+  noise: Noise = Noise(),
+  cache: Optional[bool] = None,
+  shuffle_buffer: int = SHUFFLE_BUFFER,
+  global_rows: Tuple[int, int] = (0, 1),
+) -> tf.data.Dataset:
   """This process's endless train batches (numpy via tf.data), from step `start_step`.
 
   batch_size / unlabeled_batch_size are per process. Each element holds batch_size labeled rows followed
@@ -179,13 +222,23 @@ def train_dataset(labeled: Source, *, batch_size: int, image_size: int, seed: in
   for src in (labeled, unlabeled):
     if src is not None and src.num_classes and src.num_classes != num_classes:
       raise ValueError(f"{src.spec}: has {src.num_classes} classes, expected {num_classes}.")
-  kw = dict(start_step=start_step, image_size=image_size, num_classes=num_classes, seed=seed, crop=crop,
-            flip=flip, pad=pad, noise=noise, cache=cache, shuffle_buffer=shuffle_buffer, rows=global_rows)
+  kw = dict(
+    start_step=start_step,
+    image_size=image_size,
+    num_classes=num_classes,
+    seed=seed,
+    crop=crop,
+    flip=flip,
+    pad=pad,
+    noise=noise,
+    cache=cache,
+    shuffle_buffer=shuffle_buffer,
+    rows=global_rows,
+  )
   ds = _batched_train(labeled, batch=batch_size, stream_id=0, is_labeled=True, **kw)
   if unlabeled is not None and unlabeled_batch_size > 0:
     pseudo = _batched_train(unlabeled, batch=unlabeled_batch_size, stream_id=1, is_labeled=False, **kw)
-    ds = tf.data.Dataset.zip(ds, pseudo).map(
-        lambda a, b: {k: tf.concat([a[k], b[k]], 0) for k in a})
+    ds = tf.data.Dataset.zip(ds, pseudo).map(lambda a, b: {k: tf.concat([a[k], b[k]], 0) for k in a})
   return _options(ds.prefetch(tf.data.AUTOTUNE))
 
 
@@ -195,10 +248,14 @@ def local_batch(global_batch: int, what: str, mesh, process_count: int) -> int:
   if global_batch % devices or global_batch % process_count:
     hint = ""
     if mesh.devices.flat[0].platform == "cpu":  # the count the command line chose from the cores
-      hint = (" On a CPU, `python -m noisy_student` makes one device per core: pass --nocpu_device_per_core "
-              "or XLA_FLAGS=--xla_force_host_platform_device_count=N for another count.")
-    raise ValueError(f"{what}={global_batch} must be a multiple of the {devices} batch devices "
-                     f"and of the {process_count} processes.{hint}")
+      hint = (
+        " On a CPU, `python -m noisy_student` makes one device per core: pass --nocpu_device_per_core "
+        "or XLA_FLAGS=--xla_force_host_platform_device_count=N for another count."
+      )
+    raise ValueError(
+      f"{what}={global_batch} must be a multiple of the {devices} batch devices "
+      f"and of the {process_count} processes.{hint}"
+    )
   return global_batch // process_count
 
 
@@ -206,9 +263,18 @@ def mesh_process_count(mesh) -> int:
   return len({d.process_index for d in mesh.devices.flat})
 
 
-def train_iterator(labeled: Source, *, labeled_batch: int, image_size: int, seed: int,
-                   start_step: int = 0, unlabeled: Optional[Source] = None, ratio: int = 0,
-                   mesh=None, **kwargs) -> Iterator[dict]:
+def train_iterator(
+  labeled: Source,
+  *,
+  labeled_batch: int,
+  image_size: int,
+  seed: int,
+  start_step: int = 0,
+  unlabeled: Optional[Source] = None,
+  ratio: int = 0,
+  mesh=None,
+  **kwargs,
+) -> Iterator[dict]:
   """Global train batches from `start_step` on: labeled_batch labeled + ratio x labeled_batch pseudo-labeled.
 
   Sources opened per process (the default) each feed their process's rows. Sources opened whole
@@ -220,8 +286,10 @@ def train_iterator(labeled: Source, *, labeled_batch: int, image_size: int, seed
   mesh = mesh if mesh is not None else sharding.create_mesh()
   procs = labeled.process_count
   if unlabeled is not None and unlabeled.process_count != procs:
-    raise ValueError(f"{labeled.spec} is split over {procs} processes but {unlabeled.spec} over "
-                     f"{unlabeled.process_count}; open both per process or both whole.")
+    raise ValueError(
+      f"{labeled.spec} is split over {procs} processes but {unlabeled.spec} over "
+      f"{unlabeled.process_count}; open both per process or both whole."
+    )
   if procs == 1 and mesh_process_count(mesh) > 1:
     kwargs["global_rows"] = (jax.process_index(), jax.process_count())
     procs = jax.process_count()
@@ -231,8 +299,16 @@ def train_iterator(labeled: Source, *, labeled_batch: int, image_size: int, seed
     local_u = local_batch(labeled_batch * ratio, "ratio x labeled_batch", mesh, procs)
   elif ratio and unlabeled is None:
     raise ValueError(f"ratio={ratio} but no unlabeled (pseudo-labeled) source was given.")
-  ds = train_dataset(labeled, batch_size=local, image_size=image_size, seed=seed, start_step=start_step,
-                     unlabeled=unlabeled, unlabeled_batch_size=local_u, **kwargs)
+  ds = train_dataset(
+    labeled,
+    batch_size=local,
+    image_size=image_size,
+    seed=seed,
+    start_step=start_step,
+    unlabeled=unlabeled,
+    unlabeled_batch_size=local_u,
+    **kwargs,
+  )
   for batch in ds.as_numpy_iterator():
     yield sharding.host_to_global(batch, mesh)
 
@@ -242,15 +318,25 @@ def train_batch_spec(global_batch: int, image_size: int, num_classes: int, mesh=
   compile a train step before the pipeline exists (a test holds it to the pipeline's element_spec)."""
   mesh = mesh if mesh is not None else sharding.create_mesh()
   batch_sharding = sharding.batch_sharding(mesh)
-  shapes = {"image": ((global_batch, image_size, image_size, 3), np.uint8),
-            "targets": ((global_batch, num_classes), np.float32), "is_labeled": ((global_batch,), np.bool_)}
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-          for k, (shape, dtype) in shapes.items()}
+  shapes = {
+    "image": ((global_batch, image_size, image_size, 3), np.uint8),
+    "targets": ((global_batch, num_classes), np.float32),
+    "is_labeled": ((global_batch,), np.bool_),
+  }
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in shapes.items()}
 
 
-def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_size: int,
-                 crop: str = "center", with_raw: bool = False, start_batch: int = 0,
-                 keep: Sequence[str] = ()) -> tf.data.Dataset:
+def eval_dataset(
+  source: Source,
+  *,
+  batch_size: int,
+  num_batches: int,
+  image_size: int,
+  crop: str = "center",
+  with_raw: bool = False,
+  start_batch: int = 0,
+  keep: Sequence[str] = (),
+) -> tf.data.Dataset:
   """This process's `num_batches` eval batches of batch_size, zero-padded with mask False.
 
   keep: further numeric features of the source's elements that go into the batches as they are (e.g. a
@@ -259,8 +345,7 @@ def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_siz
   labeling job).
   """
   if source.num_examples > num_batches * batch_size:
-    raise ValueError(f"{source.spec}: {source.num_examples} examples do not fit {num_batches} batches "
-                     f"of {batch_size}.")
+    raise ValueError(f"{source.spec}: {source.num_examples} examples do not fit {num_batches} batches of {batch_size}.")
 
   def prepare(ex):
     image = preprocess.eval_image(ex["image"], image_size, crop=crop)
@@ -278,8 +363,7 @@ def eval_dataset(source: Source, *, batch_size: int, num_batches: int, image_siz
 
   skipped = start_batch * batch_size  # raw records dropped undecoded
   ds = source.dataset.skip(skipped).map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  padding = tf.data.Dataset.from_tensors(
-      tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec))
+  padding = tf.data.Dataset.from_tensors(tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec))
   ds = ds.concatenate(padding.repeat(num_batches * batch_size - max(source.num_examples, skipped)))
   ds = ds.batch(batch_size, drop_remainder=True)
   return _options(ds.prefetch(tf.data.AUTOTUNE))
@@ -294,9 +378,17 @@ def eval_num_batches(source: Source, per_process_batch: int) -> int:
   return max(1, math.ceil(largest / per_process_batch))
 
 
-def eval_iterator(source: Source, *, global_batch: int, image_size: int, crop: str = "center",
-                  mesh=None, with_raw: bool = False, start_batch: int = 0,
-                  keep: Sequence[str] = ()) -> Iterator[dict]:
+def eval_iterator(
+  source: Source,
+  *,
+  global_batch: int,
+  image_size: int,
+  crop: str = "center",
+  mesh=None,
+  with_raw: bool = False,
+  start_batch: int = 0,
+  keep: Sequence[str] = (),
+) -> Iterator[dict]:
   """Global eval batches covering every example of the source exactly once (mask marks padding).
 
   With with_raw, each batch also has 'local': this process's rows as numpy ('encoded', 'key', 'mask').
@@ -307,8 +399,16 @@ def eval_iterator(source: Source, *, global_batch: int, image_size: int, crop: s
   """
   mesh = mesh if mesh is not None else sharding.create_mesh()
   local = local_batch(global_batch, "global_batch", mesh, source.process_count)
-  ds = eval_dataset(source, batch_size=local, num_batches=eval_num_batches(source, local),
-                    image_size=image_size, crop=crop, with_raw=with_raw, start_batch=start_batch, keep=keep)
+  ds = eval_dataset(
+    source,
+    batch_size=local,
+    num_batches=eval_num_batches(source, local),
+    image_size=image_size,
+    crop=crop,
+    with_raw=with_raw,
+    start_batch=start_batch,
+    keep=keep,
+  )
   return _global_batches(ds, mesh, with_raw)
 
 

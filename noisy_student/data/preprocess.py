@@ -26,13 +26,14 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
 
 def _shape(encoded):
   """[h, w] of an encoded image; cheap for JPEG (header only)."""
-  return tf.cond(tf.io.is_jpeg(encoded),
-                 lambda: tf.image.extract_jpeg_shape(encoded)[:2],
-                 lambda: tf.shape(decode(encoded))[:2])
+  return tf.cond(
+    tf.io.is_jpeg(encoded), lambda: tf.image.extract_jpeg_shape(encoded)[:2], lambda: tf.shape(decode(encoded))[:2]
+  )
 
 
 def _decode_window(encoded, window):
   """Decodes only the window [y, x, h, w] (JPEG) or decodes then crops (other formats)."""
+
   def jpeg():
     return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
 
@@ -46,10 +47,12 @@ def _decode_window(encoded, window):
 
 def resize_float(image: tf.Tensor, size: int) -> tf.Tensor:
   """Bicubic resize to [size, size], float32, as the official code: TF1's `resize_bicubic` (output pixel i
-  samples input i * in / out, the cubic convolution kernel with a = -0.75, edge pixels repeated). `tf.image.resize`'s bicubic
-  is another filter (half-pixel centers, a = -0.5): up to 115 levels apart on a noisy image."""
-  return tf.raw_ops.ResizeBicubic(images=image[None], size=[size, size], align_corners=False,
-                                  half_pixel_centers=False)[0]
+  samples input i * in / out, the cubic convolution kernel with a = -0.75, edge pixels repeated).
+  `tf.image.resize`'s bicubic is another filter (half-pixel centers, a = -0.5): up to 115 levels apart on a
+  noisy image."""
+  return tf.raw_ops.ResizeBicubic(images=image[None], size=[size, size], align_corners=False, half_pixel_centers=False)[
+    0
+  ]
 
 
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -71,13 +74,20 @@ def center_crop(encoded: tf.Tensor, size: int, crop_padding: int = CROP_PADDING)
   return resize(_decode_window(encoded, window), size)
 
 
-def distorted_window(shape, seed, min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
-                     area_range=(0.08, 1.0), max_attempts=10):
+def distorted_window(
+  shape, seed, min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10
+):
   """Official random-sized crop window [y, x, h, w]; the whole image when all attempts fail."""
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.concat([shape, [3]], 0), bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
-      seed=seed, min_object_covered=min_object_covered, aspect_ratio_range=aspect_ratio_range,
-      area_range=area_range, max_attempts=max_attempts, use_image_if_no_bounding_boxes=True)
+    tf.concat([shape, [3]], 0),
+    bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+    seed=seed,
+    min_object_covered=min_object_covered,
+    aspect_ratio_range=aspect_ratio_range,
+    area_range=area_range,
+    max_attempts=max_attempts,
+    use_image_if_no_bounding_boxes=True,
+  )
   return tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
 
 
@@ -95,8 +105,7 @@ def inception_crop(encoded: tf.Tensor, size: int, seed: tf.Tensor, flip: bool = 
 
 def to_size(image: tf.Tensor, size: int) -> tf.Tensor:
   """A decoded image resized to [size, size] unless it already is (small images: CIFAR, SVHN, digits)."""
-  return tf.cond(tf.reduce_all(tf.equal(tf.shape(image)[:2], [size, size])),
-                 lambda: image, lambda: resize(image, size))
+  return tf.cond(tf.reduce_all(tf.equal(tf.shape(image)[:2], [size, size])), lambda: image, lambda: resize(image, size))
 
 
 def pad_crop_draw(seed: tf.Tensor, pad: int = 4, flip: bool = False):

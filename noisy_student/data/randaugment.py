@@ -25,18 +25,36 @@ FILL = 128
 TRANSLATE_CONST = 100.0  # pixels at L = 1 (official, for 224px ImageNet inputs)
 CUTOUT_CONST = 40.0  # half side at L = 1 (official)
 
-OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color", "Contrast",
-       "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout", "SolarizeAdd")
+OPS = (
+  "AutoContrast",
+  "Equalize",
+  "Invert",
+  "Rotate",
+  "Posterize",
+  "Solarize",
+  "Color",
+  "Contrast",
+  "Brightness",
+  "Sharpness",
+  "ShearX",
+  "ShearY",
+  "TranslateX",
+  "TranslateY",
+  "Cutout",
+  "SolarizeAdd",
+)
 
 
 def _image_or_batch(op):
   """Lets an op written for [b, h, w, 3] batches also take one [h, w, 3] image."""
+
   @functools.wraps(op)
   def wrapped(image, *args, **kwargs):
     image = tf.convert_to_tensor(image)
     if image.shape.rank == 3:
       return op(image[None], *args, **kwargs)[0]
     return op(image, *args, **kwargs)
+
   return wrapped
 
 
@@ -56,8 +74,13 @@ def _transform(images, rows, fill=FILL):
   [b]), nearest neighbour, constant fill."""
   entries = [_per_image(r, images) for r in rows] + [tf.zeros(tf.shape(images)[:1])] * 2
   return tf.raw_ops.ImageProjectiveTransformV3(
-      images=images, transforms=tf.stack(entries, axis=1), output_shape=tf.shape(images)[1:3],
-      fill_value=tf.cast(fill, tf.float32), interpolation="NEAREST", fill_mode="CONSTANT")
+    images=images,
+    transforms=tf.stack(entries, axis=1),
+    output_shape=tf.shape(images)[1:3],
+    fill_value=tf.cast(fill, tf.float32),
+    interpolation="NEAREST",
+    fill_mode="CONSTANT",
+  )
 
 
 @_image_or_batch
@@ -77,8 +100,12 @@ def equalize(images):
   channels = tf.transpose(tf.cast(images, tf.int32), [0, 3, 1, 2])  # [b, 3, h, w]
   rows = tf.shape(channels)[0] * 3
   values = tf.reshape(channels, [rows, -1])
-  hist = tf.reshape(tf.math.bincount(tf.reshape(values + tf.range(rows)[:, None] * 256, [-1]),
-                                     minlength=rows * 256, maxlength=rows * 256), [rows, 256])
+  hist = tf.reshape(
+    tf.math.bincount(
+      tf.reshape(values + tf.range(rows)[:, None] * 256, [-1]), minlength=rows * 256, maxlength=rows * 256
+    ),
+    [rows, 256],
+  )
   # PIL: step = (pixels - count of the largest value present) // 255.
   top = tf.gather(hist, tf.reduce_max(values, axis=1), batch_dims=1)
   step = (tf.reduce_sum(hist, axis=1) - top) // 255
@@ -146,8 +173,7 @@ def color(image, factor):
 def contrast(images, factor):
   """0 gives the mean gray level, 1 identity."""
   # Sums of integers below 2**24 are exact in float32, so the mean does not depend on the batch.
-  mean = tf.reduce_mean(tf.cast(tf.image.rgb_to_grayscale(images), tf.float32), axis=[1, 2, 3],
-                        keepdims=True)
+  mean = tf.reduce_mean(tf.cast(tf.image.rgb_to_grayscale(images), tf.float32), axis=[1, 2, 3], keepdims=True)
   return blend(tf.broadcast_to(tf.cast(mean, tf.uint8), tf.shape(images)), images, factor)
 
 
@@ -172,7 +198,7 @@ def sharpness(images, factor):
   total = None
   for dy in range(3):
     for dx in range(3):
-      tap = pixels[:, dy:dy + height, dx:dx + width] * tf.constant(weights[dy][dx] / 13.0, tf.float32)
+      tap = pixels[:, dy : dy + height, dx : dx + width] * tf.constant(weights[dy][dx] / 13.0, tf.float32)
       total = tap if total is None else total + tap
   smooth = tf.cast(tf.clip_by_value(total, 0.0, 255.0), tf.uint8)
   border = [[0, 0], [1, 1], [1, 1], [0, 0]]
@@ -267,8 +293,7 @@ def apply_op(image, name, magnitude, seed, translate_const=TRANSLATE_CONST, cuto
   the sign of signed ops and Cutout's centre."""
   image = tf.convert_to_tensor(image)
   draws = sample_layers(seed, 1)
-  return _apply(image[None], name, magnitude, draws["negate"], draws["center"], translate_const,
-                cutout_const)[0]
+  return _apply(image[None], name, magnitude, draws["negate"], draws["center"], translate_const, cutout_const)[0]
 
 
 def sample_layers(seed, num_layers: int):
@@ -279,16 +304,15 @@ def sample_layers(seed, num_layers: int):
   return {"op": bits[:, 0] % len(OPS), "negate": bits[:, 1] % 2 == 1, "center": bits[:, 2:]}
 
 
-def randaugment(image, num_layers: int, magnitude: float, seed, translate_const=TRANSLATE_CONST,
-                cutout_const=CUTOUT_CONST):
+def randaugment(
+  image, num_layers: int, magnitude: float, seed, translate_const=TRANSLATE_CONST, cutout_const=CUTOUT_CONST
+):
   """`num_layers` uniformly chosen ops at magnitude M on a uint8 [h, w, 3] image (a batch of one)."""
   draws = {k: v[None] for k, v in sample_layers(seed, num_layers).items()}
-  return randaugment_batch(tf.convert_to_tensor(image)[None], draws, magnitude, translate_const,
-                           cutout_const)[0]
+  return randaugment_batch(tf.convert_to_tensor(image)[None], draws, magnitude, translate_const, cutout_const)[0]
 
 
-def randaugment_batch(images, draws, magnitude: float, translate_const=TRANSLATE_CONST,
-                      cutout_const=CUTOUT_CONST):
+def randaugment_batch(images, draws, magnitude: float, translate_const=TRANSLATE_CONST, cutout_const=CUTOUT_CONST):
   """RandAugment on a uint8 [b, h, w, 3] batch with per-image `draws` (sample_layers' dict, batched:
   [b, N] ...): image i equals randaugment(images[i], N, M, seed_i). Each layer runs every op once, on the
   images that drew it, and stitches the results back in order.
@@ -299,8 +323,7 @@ def randaugment_batch(images, draws, magnitude: float, translate_const=TRANSLATE
   images = tf.convert_to_tensor(images)
   if images.dtype != tf.uint8:
     raise TypeError(f"RandAugment works on uint8 images, got {images.dtype}.")
-  layers = _layers_function(int(draws["op"].shape[1]), float(magnitude), float(translate_const),
-                            float(cutout_const))
+  layers = _layers_function(int(draws["op"].shape[1]), float(magnitude), float(translate_const), float(cutout_const))
   out = layers(images, {k: draws[k] for k in ("op", "negate", "center")})
   return tf.ensure_shape(out, images.shape)
 
@@ -308,10 +331,14 @@ def randaugment_batch(images, draws, magnitude: float, translate_const=TRANSLATE
 @functools.lru_cache(maxsize=None)
 def _layers_function(num_layers: int, magnitude: float, translate_const: float, cutout_const: float):
   """randaugment_batch's graph for any batch and image size, traced on first use."""
-  signature = [tf.TensorSpec([None, None, None, 3], tf.uint8),
-               {"op": tf.TensorSpec([None, num_layers], tf.int32),
-                "negate": tf.TensorSpec([None, num_layers], tf.bool),
-                "center": tf.TensorSpec([None, num_layers, 2], tf.int32)}]
+  signature = [
+    tf.TensorSpec([None, None, None, 3], tf.uint8),
+    {
+      "op": tf.TensorSpec([None, num_layers], tf.int32),
+      "negate": tf.TensorSpec([None, num_layers], tf.bool),
+      "center": tf.TensorSpec([None, num_layers, 2], tf.int32),
+    },
+  ]
 
   def layers(images, draws):
     for layer in range(num_layers):
@@ -322,9 +349,20 @@ def _layers_function(num_layers: int, magnitude: float, translate_const: float, 
         picked = tf.gather(images, where)
         # Every op also runs when no image drew it (on an empty batch: no cost, and no tf.cond, whose
         # per-branch graphs made building the pipeline slower).
-        results.append(tf.ensure_shape(_apply(
-            picked, name, magnitude, tf.gather(draws["negate"][:, layer], where),
-            tf.gather(draws["center"][:, layer], where), translate_const, cutout_const), picked.shape))
+        results.append(
+          tf.ensure_shape(
+            _apply(
+              picked,
+              name,
+              magnitude,
+              tf.gather(draws["negate"][:, layer], where),
+              tf.gather(draws["center"][:, layer], where),
+              translate_const,
+              cutout_const,
+            ),
+            picked.shape,
+          )
+        )
         positions.append(where)
       images = tf.ensure_shape(tf.dynamic_stitch(positions, results), images.shape)
     return images

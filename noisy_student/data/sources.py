@@ -3,7 +3,8 @@
 Specs:
   "tfds:NAME:SPLIT"   any prepared tfds dataset and split expression ("train[:4000]", "train[:80%]+test").
   "tfds:NAME/CONFIG:SPLIT" works too; the dataset is read from `data_dir` (tfds' default when None).
-  a TFRecord glob     pseudo-labeled shards in the schema of DESIGN.md (e.g. "WORKDIR/01_labels/labels-*.tfrecord").
+  a TFRecord glob     pseudo-labeled shards in the schema of docs/design.md
+                      (e.g. "WORKDIR/01_labels/labels-*.tfrecord").
                       Where the folder holds a finished manifest (`stats.json` of the labeling job), only the
                       shards it names are read, and a named shard that is missing is an error.
 
@@ -28,9 +29,6 @@ from noisy_student.data import digits
 # Builders that need no download: prepared on first use (in seconds) instead of raising.
 _OFFLINE_BUILDERS = {"digits": digits.prepare}
 
-TFRECORD_KEYS = ("image/encoded", "image/key", "label", "confidence", "probabilities",
-                 "topk/indices", "topk/probabilities")
-
 
 class DatasetNotPreparedError(FileNotFoundError):
   """A tfds dataset has not been built in the data directory (we never download)."""
@@ -43,6 +41,7 @@ class CorruptRecordError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Source:
   """One process's part of a dataset, in a fixed order, images undecoded."""
+
   spec: str
   dataset: tf.data.Dataset
   num_examples: int  # in this process's part
@@ -82,10 +81,17 @@ def resolve_process(process_index: Optional[int], process_count: Optional[int]) 
   return process_index, process_count
 
 
-def open_source(spec: str, *, data_dir: Optional[str] = None, labeled: bool = True,
-                with_key: bool = False, process_index: Optional[int] = None,
-                process_count: Optional[int] = None, num_classes: Optional[int] = None,
-                copies: Optional[Copies] = None) -> Source:
+def open_source(
+  spec: str,
+  *,
+  data_dir: Optional[str] = None,
+  labeled: bool = True,
+  with_key: bool = False,
+  process_index: Optional[int] = None,
+  process_count: Optional[int] = None,
+  num_classes: Optional[int] = None,
+  copies: Optional[Copies] = None,
+) -> Source:
   """Opens this process's part of `spec`. `labeled=False` drops labels (an unlabeled source).
 
   `copies` (TFRecord sources only) filters and duplicates pseudo-labeled records: each record is read as many
@@ -100,10 +106,26 @@ def open_source(spec: str, *, data_dir: Optional[str] = None, labeled: bool = Tr
   if kind == "tfds":
     if copies is not None:
       raise ValueError(f"{spec}: a pseudo-label selection applies to TFRecord shards, not tfds datasets.")
-    return _open_tfds(spec, name, split, data_dir=data_dir, labeled=labeled, with_key=with_key,
-                      process_index=process_index, process_count=process_count, num_classes=num_classes)
-  return _open_tfrecords(spec, labeled=labeled, with_key=with_key, process_index=process_index,
-                         process_count=process_count, num_classes=num_classes, copies=copies)
+    return _open_tfds(
+      spec,
+      name,
+      split,
+      data_dir=data_dir,
+      labeled=labeled,
+      with_key=with_key,
+      process_index=process_index,
+      process_count=process_count,
+      num_classes=num_classes,
+    )
+  return _open_tfrecords(
+    spec,
+    labeled=labeled,
+    with_key=with_key,
+    process_index=process_index,
+    process_count=process_count,
+    num_classes=num_classes,
+    copies=copies,
+  )
 
 
 # ---------------------------------------------------------------------------------------------- tfds
@@ -119,28 +141,28 @@ def _builder(name: str, data_dir: Optional[str]):
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetNotPreparedError(
-        f"Unknown tfds dataset {name!r} (data_dir={data_dir!r}): {str(e).splitlines()[0]}") from e
+      f"Unknown tfds dataset {name!r} (data_dir={data_dir!r}): {str(e).splitlines()[0]}"
+    ) from e
 
 
 def _not_prepared(name, builder, data_dir):
   return DatasetNotPreparedError(
-      f"tfds dataset {name!r} is not prepared in {builder.data_dir!r}. noisy_student never downloads; "
-      f"prepare it first with `tfds build {name} --data_dir={data_dir or '~/tensorflow_datasets'}` "
-      "(for datasets with manual downloads such as imagenet2012, put the archives in "
-      "DATA_DIR/downloads/manual first), or pass the data_dir where it is prepared.")
+    f"tfds dataset {name!r} is not prepared in {builder.data_dir!r}. noisy_student never downloads; "
+    f"prepare it first with `tfds build {name} --data_dir={data_dir or '~/tensorflow_datasets'}` "
+    "(for datasets with manual downloads such as imagenet2012, put the archives in "
+    "DATA_DIR/downloads/manual first), or pass the data_dir where it is prepared."
+  )
 
 
 def _split_sizes(builder, split, process_count):
   """Examples per process from metadata alone (no reading), or None where the split is unknown."""
   try:
-    return [builder.info.splits[s].num_examples
-            for s in tfds.even_splits(split, n=process_count)]
+    return [builder.info.splits[s].num_examples for s in tfds.even_splits(split, n=process_count)]
   except (KeyError, ValueError, AssertionError, TypeError):
     return None
 
 
-def _open_tfds(spec, name, split, *, data_dir, labeled, with_key, process_index, process_count,
-               num_classes):
+def _open_tfds(spec, name, split, *, data_dir, labeled, with_key, process_index, process_count, num_classes):
   builder = _builder(name, data_dir)
   features = builder.info.features
   if "image" not in features:
@@ -155,8 +177,9 @@ def _open_tfds(spec, name, split, *, data_dir, labeled, with_key, process_index,
   subsplit = tfds.even_splits(split, n=process_count)[process_index]
   read_config = tfds.ReadConfig(add_tfds_id=with_key)
   try:
-    ds = builder.as_dataset(split=subsplit, shuffle_files=False, read_config=read_config,
-                            decoders={"image": tfds.decode.SkipDecoding()})
+    ds = builder.as_dataset(
+      split=subsplit, shuffle_files=False, read_config=read_config, decoders={"image": tfds.decode.SkipDecoding()}
+    )
   except AssertionError as e:  # tfds' "could not find data" error
     if "could not find data" in str(e) or "download_and_prepare" in str(e):
       raise _not_prepared(name, builder, data_dir) from e
@@ -213,8 +236,7 @@ def _count_records(files, ds):
 
 def _check_feature(path, feats, key, kind):
   if key not in feats:
-    raise ValueError(f"{path}: record lacks feature {key!r} (pseudo-label schema needs it; "
-                     f"found {sorted(feats)}).")
+    raise ValueError(f"{path}: record lacks feature {key!r} (pseudo-label schema needs it; found {sorted(feats)}).")
   found = feats[key].WhichOneof("kind")
   if found != kind:
     raise ValueError(f"{path}: feature {key!r} is {found}, expected {kind}.")
@@ -227,20 +249,22 @@ def _manifest_files(spec, files):
   """The matched files a finished manifest beside them names (with examples); all files without one."""
   folder = os.path.dirname(spec)
   if any(c in folder for c in "*?["):
-    raise ValueError(f"{spec!r}: wildcards only in the file name, not the folder (each labeling job's "
-                     "folder has its own stats.json manifest).")
+    raise ValueError(
+      f"{spec!r}: wildcards only in the file name, not the folder (each labeling job's "
+      "folder has its own stats.json manifest)."
+    )
   manifest = os.path.join(folder, MANIFEST)
   if not tf.io.gfile.exists(manifest):
     return files
   shards = outputs.read_json(manifest).get("shards")
   if not isinstance(shards, list):
-    raise ValueError(f"{manifest}: not a pseudo-label manifest (no 'shards' list); was it written by the "
-                     "labeling job?")
+    raise ValueError(f"{manifest}: not a pseudo-label manifest (no 'shards' list); was it written by the labeling job?")
   named = {os.path.join(folder, s["file"]): s["examples"] for s in shards}
   missing = sorted(set(named) - set(tf.io.gfile.glob(os.path.join(folder, "*"))))
   if missing:
-    raise FileNotFoundError(f"{manifest} names shards that are missing: {missing[:3]}"
-                            f"{' ...' if len(missing) > 3 else ''}.")
+    raise FileNotFoundError(
+      f"{manifest} names shards that are missing: {missing[:3]}{' ...' if len(missing) > 3 else ''}."
+    )
   return [f for f in files if named.get(f, 0) > 0]
 
 
@@ -255,8 +279,10 @@ def _open_tfrecords(spec, *, labeled, with_key, process_index, process_count, nu
   for other in files[1:]:  # every file in the same schema (an old run's shard may not be)
     found = _inspect_record(other)
     if set(found) != set(feats):
-      raise ValueError(f"{other}: features {sorted(found)} differ from {files[0]}'s {sorted(feats)} "
-                       "(shards of different labeling runs mixed in one glob?).")
+      raise ValueError(
+        f"{other}: features {sorted(found)} differ from {files[0]}'s {sorted(feats)} "
+        "(shards of different labeling runs mixed in one glob?)."
+      )
   _check_feature(files[0], feats, "image/encoded", "bytes_list")
   schema = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
   if with_key:
@@ -288,8 +314,9 @@ def _open_tfrecords(spec, *, labeled, with_key, process_index, process_count, nu
   if copies is not None:
     for key, kind in (("label", "int64_list"), ("confidence", "float_list"), ("image/key", "bytes_list")):
       _check_feature(files[0], feats, key, kind)
-      schema[key] = tf.io.FixedLenFeature([], {"label": tf.int64, "confidence": tf.float32,
-                                               "image/key": tf.string}[key])
+      schema[key] = tf.io.FixedLenFeature(
+        [], {"label": tf.int64, "confidence": tf.float32, "image/key": tf.string}[key]
+      )
 
   # Own file shards when there are enough files; otherwise every process reads all and keeps every k-th.
   if len(files) >= process_count:
@@ -323,5 +350,4 @@ def _open_tfrecords(spec, *, labeled, with_key, process_index, process_count, nu
   n = _count_records(files, ds)  # raw records (after selection), no image parsing
   ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.apply(tf.data.experimental.assert_cardinality(n))
-  return Source(spec, ds, n, n if process_count == 1 else None, num_classes,
-                process_index, process_count)
+  return Source(spec, ds, n, n if process_count == 1 else None, num_classes, process_index, process_count)

@@ -68,8 +68,9 @@ def read_frames(path: str, expected: Optional[int] = None) -> Iterator[np.ndarra
     raise ValueError(f"{path}: decoded {count} frames, its container says {expected}.")
 
 
-def open_video_folder(folder: str, *, process_index: Optional[int] = None,
-                      process_count: Optional[int] = None) -> Source:
+def open_video_folder(
+  folder: str, *, process_index: Optional[int] = None, process_count: Optional[int] = None
+) -> Source:
   """This process's videos of `folder` as a Source of frames (see the module docstring)."""
   process_index, process_count = resolve_process(process_index, process_count)
   paths = list_videos(folder)
@@ -81,19 +82,34 @@ def open_video_folder(folder: str, *, process_index: Optional[int] = None,
     video, count = mine[position], counts[position]
     for index, image in enumerate(read_frames(paths[video], expected=count)):
       if image.shape != (height, width, 3):
-        raise ValueError(f"{paths[video]}: frame {index} is {image.shape[:2]}, the folder's first video's "
-                         f"frames are {(height, width)}.")
+        raise ValueError(
+          f"{paths[video]}: frame {index} is {image.shape[:2]}, the folder's first video's "
+          f"frames are {(height, width)}."
+        )
       yield {"image": image, "video": np.int32(video), "frame": np.int32(index)}
 
-  signature = {"image": tf.TensorSpec([height, width, 3], tf.uint8),
-               "video": tf.TensorSpec([], tf.int32), "frame": tf.TensorSpec([], tf.int32)}
+  signature = {
+    "image": tf.TensorSpec([height, width, 3], tf.uint8),
+    "video": tf.TensorSpec([], tf.int32),
+    "frame": tf.TensorSpec([], tf.int32),
+  }
   # Several videos decode at once (224 px libx264 videos on 2 cores: 187 - 360 frames/s one at a time, 369 -
   # 435 two at a time); the order is fixed, and which frame of which video a row holds travels with it.
   dataset = tf.data.Dataset.range(len(mine)).interleave(
-      lambda position: tf.data.Dataset.from_generator(frames, args=(position,), output_signature=signature),
-      cycle_length=DECODE_PARALLELISM, num_parallel_calls=DECODE_PARALLELISM, deterministic=True)
-  return Source(spec=folder, dataset=dataset, num_examples=sum(counts), max_process_examples=None,
-                num_classes=None, process_index=process_index, process_count=process_count)
+    lambda position: tf.data.Dataset.from_generator(frames, args=(position,), output_signature=signature),
+    cycle_length=DECODE_PARALLELISM,
+    num_parallel_calls=DECODE_PARALLELISM,
+    deterministic=True,
+  )
+  return Source(
+    spec=folder,
+    dataset=dataset,
+    num_examples=sum(counts),
+    max_process_examples=None,
+    num_classes=None,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 def group_by_video(video: Sequence[int], frame: Sequence[int], values: np.ndarray) -> List[np.ndarray]:

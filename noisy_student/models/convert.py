@@ -44,8 +44,7 @@ def expected_shapes(model_name: str, num_classes: int = 1000) -> Dict[Key, jax.S
   """The flat variable tree of `create_model(model_name, num_classes)`, shapes only."""
   model = efficientnet.create_model(model_name, num_classes=num_classes)
   size = 32  # parameter shapes do not depend on the image size
-  tree = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                                           train=False))
+  tree = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
   return traverse_util.flatten_dict(dict(tree))
 
 
@@ -60,14 +59,17 @@ def _fmt(key: Key) -> str:
 def _summarize(title: str, lines: List[str], limit: int = 25) -> str:
   shown = lines[:limit]
   more = f"\n    ... and {len(lines) - limit} more" if len(lines) > limit else ""
-  return f"  {title} ({len(lines)}):\n" + "\n".join(f"    {l}" for l in shown) + more
+  return f"  {title} ({len(lines)}):\n" + "\n".join(f"    {line}" for line in shown) + more
 
 
-def _assemble(expected: Mapping[Key, jax.ShapeDtypeStruct],
-              source_name: Callable[[Key], Tuple[str, bool]],
-              lookup: Callable[[str], Optional[Tuple[str, np.ndarray]]],
-              leftover: Callable[[], List[Tuple[str, Tuple[int, ...]]]],
-              origin: str, hint: str = "") -> Variables:
+def _assemble(
+  expected: Mapping[Key, jax.ShapeDtypeStruct],
+  source_name: Callable[[Key], Tuple[str, bool]],
+  lookup: Callable[[str], Optional[Tuple[str, np.ndarray]]],
+  leftover: Callable[[], List[Tuple[str, Tuple[int, ...]]]],
+  origin: str,
+  hint: str = "",
+) -> Variables:
   """Fills `expected` from a source; one ValueError lists every problem.
 
   source_name(key) -> (name in the source, is_depthwise); lookup(name) ->
@@ -84,8 +86,7 @@ def _assemble(expected: Mapping[Key, jax.ShapeDtypeStruct],
       continue
     read_name, value = found
     if tuple(value.shape) != want:
-      misshaped.append(f"{read_name}: expected shape {list(want)}, found {list(value.shape)} "
-                       f"(for {_fmt(key)})")
+      misshaped.append(f"{read_name}: expected shape {list(want)}, found {list(value.shape)} (for {_fmt(key)})")
       continue
     value = np.asarray(value)
     if depthwise:  # [k, k, C, 1] -> [k, k, 1, C]
@@ -113,11 +114,20 @@ def _assemble(expected: Mapping[Key, jax.ShapeDtypeStruct],
 def _tf_module_names(block_has_expand: bool) -> Dict[str, str]:
   """Our block sub-module -> the official TF layer name (numbered in creation order)."""
   if block_has_expand:
-    return {"expand_conv": "conv2d", "expand_bn": "tpu_batch_normalization",
-            "depthwise_conv": "depthwise_conv2d", "depthwise_bn": "tpu_batch_normalization_1",
-            "project_conv": "conv2d_1", "project_bn": "tpu_batch_normalization_2"}
-  return {"depthwise_conv": "depthwise_conv2d", "depthwise_bn": "tpu_batch_normalization",
-          "project_conv": "conv2d", "project_bn": "tpu_batch_normalization_1"}
+    return {
+      "expand_conv": "conv2d",
+      "expand_bn": "tpu_batch_normalization",
+      "depthwise_conv": "depthwise_conv2d",
+      "depthwise_bn": "tpu_batch_normalization_1",
+      "project_conv": "conv2d_1",
+      "project_bn": "tpu_batch_normalization_2",
+    }
+  return {
+    "depthwise_conv": "depthwise_conv2d",
+    "depthwise_bn": "tpu_batch_normalization",
+    "project_conv": "conv2d",
+    "project_bn": "tpu_batch_normalization_1",
+  }
 
 
 def tf_name(key: Key, block_has_expand: bool = True) -> Tuple[str, bool]:
@@ -160,8 +170,9 @@ def is_training_state(name: str) -> bool:
   return any(_OPTIMIZER_SLOT.match(part) for part in name.split("/"))
 
 
-def tf_variables_to_flax(variables: Mapping[str, np.ndarray], model_name: str,
-                         num_classes: Optional[int] = None) -> Variables:
+def tf_variables_to_flax(
+  variables: Mapping[str, np.ndarray], model_name: str, num_classes: Optional[int] = None
+) -> Variables:
   """Official TF EfficientNet variables (name -> array) -> our Flax variables.
 
   Names carry the model prefix, e.g. `efficientnet-b0/blocks_3/conv2d/kernel`.
@@ -174,8 +185,7 @@ def tf_variables_to_flax(variables: Mapping[str, np.ndarray], model_name: str,
   """
   prefix = f"{model_name}/"
   if num_classes is None:
-    dense = variables.get(f"{prefix}head/dense/kernel{EMA_SUFFIX}",
-                          variables.get(f"{prefix}head/dense/kernel"))
+    dense = variables.get(f"{prefix}head/dense/kernel{EMA_SUFFIX}", variables.get(f"{prefix}head/dense/kernel"))
     num_classes = int(np.shape(dense)[-1]) if dense is not None else 1000
   expected = expected_shapes(model_name, num_classes)
   has_expand = {k[1] for k in expected if len(k) > 2 and k[2] == "expand_conv"}
@@ -193,17 +203,17 @@ def tf_variables_to_flax(variables: Mapping[str, np.ndarray], model_name: str,
     return None
 
   def leftover():
-    return [(n, tuple(np.shape(v))) for n, v in sorted(variables.items())
-            if n not in consumed and not is_training_state(n)]
+    return [
+      (n, tuple(np.shape(v))) for n, v in sorted(variables.items()) if n not in consumed and not is_training_state(n)
+    ]
 
-  prefixes = sorted({n.split("/")[0] for n in variables
-                     if "/" in n and n.startswith("efficientnet")})
+  prefixes = sorted({n.split("/")[0] for n in variables if "/" in n and n.startswith("efficientnet")})
   hint = ""
   if prefixes and prefixes != [model_name]:
-    hint = (f"  note: asked for {model_name!r}; the checkpoint's variables are under "
-            f"{', '.join(p + '/' for p in prefixes)}")
-  return _assemble(expected, source_name, lookup, leftover,
-                   f"TF checkpoint variables for {model_name}", hint)
+    hint = (
+      f"  note: asked for {model_name!r}; the checkpoint's variables are under {', '.join(p + '/' for p in prefixes)}"
+    )
+  return _assemble(expected, source_name, lookup, leftover, f"TF checkpoint variables for {model_name}", hint)
 
 
 def load_tf_checkpoint(path: str, model_name: str, num_classes: Optional[int] = None) -> Variables:
@@ -212,6 +222,7 @@ def load_tf_checkpoint(path: str, model_name: str, num_classes: Optional[int] = 
   See tf_variables_to_flax for the name mapping and the checks.
   """
   import tensorflow as tf  # heavy; only needed here
+
   try:
     tf.config.set_visible_devices([], "GPU")  # TF must never take an accelerator
   except RuntimeError:  # TF already initialized its devices; whoever did chose them
@@ -232,11 +243,21 @@ def load_tf_checkpoint(path: str, model_name: str, num_classes: Optional[int] = 
 # ----------------------------------------------------------------------------
 # Keras applications EfficientNetB0..B7.
 
-_KERAS_BLOCK_LAYERS = {"expand_conv": "expand_conv", "expand_bn": "expand_bn",
-                       "depthwise_conv": "dwconv", "depthwise_bn": "bn",
-                       "project_conv": "project_conv", "project_bn": "project_bn"}
-_KERAS_TOP_LAYERS = {"stem_conv": "stem_conv", "stem_bn": "stem_bn", "head_conv": "top_conv",
-                     "head_bn": "top_bn", "classifier": "predictions"}
+_KERAS_BLOCK_LAYERS = {
+  "expand_conv": "expand_conv",
+  "expand_bn": "expand_bn",
+  "depthwise_conv": "dwconv",
+  "depthwise_bn": "bn",
+  "project_conv": "project_conv",
+  "project_bn": "project_bn",
+}
+_KERAS_TOP_LAYERS = {
+  "stem_conv": "stem_conv",
+  "stem_bn": "stem_bn",
+  "head_conv": "top_conv",
+  "head_bn": "top_bn",
+  "classifier": "predictions",
+}
 _KERAS_INPUT_LAYERS = ("InputLayer", "Rescaling", "Normalization")
 
 
@@ -257,12 +278,17 @@ def _keras_model_name(layers: Mapping[str, Any]) -> str:
   except KeyError:
     raise ValueError("Not a Keras EfficientNet: it has no layer named 'stem_conv'") from None
   blocks = {m.group(1) for n in layers if (m := re.match(r"^(block\d+[a-z])_", n))}
-  matches = [name for name, spec in efficientnet.MODEL_SPECS.items()
-             if efficientnet.round_filters(efficientnet.STEM_FILTERS, spec.width) == stem
-             and len(keras_block_names(name)) == len(blocks)]
+  matches = [
+    name
+    for name, spec in efficientnet.MODEL_SPECS.items()
+    if efficientnet.round_filters(efficientnet.STEM_FILTERS, spec.width) == stem
+    and len(keras_block_names(name)) == len(blocks)
+  ]
   if len(matches) != 1:
-    raise ValueError(f"Cannot tell which EfficientNet this Keras model is (stem width {stem}, "
-                     f"{len(blocks)} blocks; candidates {matches}); pass model_name")
+    raise ValueError(
+      f"Cannot tell which EfficientNet this Keras model is (stem width {stem}, "
+      f"{len(blocks)} blocks; candidates {matches}); pass model_name"
+    )
   return matches[0]
 
 
@@ -295,8 +321,9 @@ def keras_input_transform(keras_model) -> Tuple[np.ndarray, np.ndarray]:
       std = np.maximum(np.sqrt(np.broadcast_to(var, (3,))), keras.config.epsilon())
       a, b = 1.0 / std, -np.broadcast_to(mean, (3,)) / std
     else:
-      raise ValueError(f"Keras input layer {layer.name} ({kind}) is not one of "
-                       f"{_KERAS_INPUT_LAYERS}; cannot tell what the stem sees")
+      raise ValueError(
+        f"Keras input layer {layer.name} ({kind}) is not one of {_KERAS_INPUT_LAYERS}; cannot tell what the stem sees"
+      )
     scale, offset = scale * a, offset * a + b
   raise ValueError("Not a Keras EfficientNet: no 'stem_conv_pad' / 'stem_conv' layer")
 
@@ -307,8 +334,7 @@ def imagenet_input_transform() -> Tuple[np.ndarray, np.ndarray]:
   return 1.0 / std, -np.asarray(IMAGENET_MEAN_RGB) * 255.0 / std
 
 
-def from_keras(keras_model, model_name: Optional[str] = None,
-               check_input_normalization: bool = True) -> Variables:
+def from_keras(keras_model, model_name: Optional[str] = None, check_input_normalization: bool = True) -> Variables:
   """A Keras 3 `keras.applications.EfficientNetB0..B7` -> our Flax variables.
 
   Keras's own input layers (Rescaling 1/255, Normalization, and for
@@ -327,8 +353,9 @@ def from_keras(keras_model, model_name: Optional[str] = None,
   layers = {layer.name: layer for layer in keras_model.layers}
   model_name = model_name or _keras_model_name(layers)
   if "predictions" not in layers:
-    raise ValueError("The Keras model has no 'predictions' layer (include_top=False); "
-                     "our model always has a classifier")
+    raise ValueError(
+      "The Keras model has no 'predictions' layer (include_top=False); our model always has a classifier"
+    )
   num_classes = int(layers["predictions"].kernel.shape[-1])
 
   if check_input_normalization:
@@ -336,11 +363,12 @@ def from_keras(keras_model, model_name: Optional[str] = None,
     want = imagenet_input_transform()
     if not all(np.allclose(f, w, rtol=1e-5, atol=1e-7) for f, w in zip(found, want)):
       raise ValueError(
-          "The Keras model's input layers map pixels x to x * scale + offset with "
-          f"scale={found[0].tolist()}, offset={found[1].tolist()}; our model expects the "
-          f"ImageNet normalization scale={want[0].tolist()}, offset={want[1].tolist()}. "
-          "Pass check_input_normalization=False and feed our model "
-          "keras_input_transform(keras_model) of the pixels instead.")
+        "The Keras model's input layers map pixels x to x * scale + offset with "
+        f"scale={found[0].tolist()}, offset={found[1].tolist()}; our model expects the "
+        f"ImageNet normalization scale={want[0].tolist()}, offset={want[1].tolist()}. "
+        "Pass check_input_normalization=False and feed our model "
+        "keras_input_transform(keras_model) of the pixels instead."
+      )
 
   weights = {}  # 'layer/weight' -> keras variable
   for layer in keras_model.layers:
@@ -369,7 +397,7 @@ def from_keras(keras_model, model_name: Optional[str] = None,
   def lookup(name):
     candidates = [name]
     if name.endswith("_dwconv/kernel"):  # older Keras names it depthwise_kernel
-      candidates.append(name[:-len("kernel")] + "depthwise_kernel")
+      candidates.append(name[: -len("kernel")] + "depthwise_kernel")
     for candidate in candidates:
       if candidate in weights:
         consumed.add(candidate)
@@ -379,5 +407,10 @@ def from_keras(keras_model, model_name: Optional[str] = None,
   def leftover():
     return [(n, tuple(w.shape)) for n, w in weights.items() if n not in consumed]
 
-  return _assemble(expected_shapes(model_name, num_classes), source_name, lookup, leftover,
-                   f"Keras model {keras_model.name!r} as {model_name}")
+  return _assemble(
+    expected_shapes(model_name, num_classes),
+    source_name,
+    lookup,
+    leftover,
+    f"Keras model {keras_model.name!r} as {model_name}",
+  )

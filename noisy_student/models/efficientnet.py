@@ -21,6 +21,7 @@ from noisy_student.models import ops
 @dataclasses.dataclass(frozen=True)
 class BlockArgs:
   """One stage of the B0 table: `repeats` MBConv blocks."""
+
   kernel: int
   repeats: int
   in_filters: int
@@ -31,13 +32,13 @@ class BlockArgs:
 
 
 B0_BLOCKS: Tuple[BlockArgs, ...] = (
-    BlockArgs(3, 1, 32, 16, 1, 1),
-    BlockArgs(3, 2, 16, 24, 6, 2),
-    BlockArgs(5, 2, 24, 40, 6, 2),
-    BlockArgs(3, 3, 40, 80, 6, 2),
-    BlockArgs(5, 3, 80, 112, 6, 1),
-    BlockArgs(5, 4, 112, 192, 6, 2),
-    BlockArgs(3, 1, 192, 320, 6, 1),
+  BlockArgs(3, 1, 32, 16, 1, 1),
+  BlockArgs(3, 2, 16, 24, 6, 2),
+  BlockArgs(5, 2, 24, 40, 6, 2),
+  BlockArgs(3, 3, 40, 80, 6, 2),
+  BlockArgs(5, 3, 80, 112, 6, 1),
+  BlockArgs(5, 4, 112, 192, 6, 2),
+  BlockArgs(3, 1, 192, 320, 6, 1),
 )
 STEM_FILTERS = 32
 HEAD_FILTERS = 1280
@@ -57,22 +58,22 @@ class ModelSpec:
 
 
 MODEL_SPECS = {
-    "efficientnet-b0": ModelSpec(1.0, 1.0, 224, 0.2),
-    "efficientnet-b1": ModelSpec(1.0, 1.1, 240, 0.2),
-    "efficientnet-b2": ModelSpec(1.1, 1.2, 260, 0.3),
-    "efficientnet-b3": ModelSpec(1.2, 1.4, 300, 0.3),
-    "efficientnet-b4": ModelSpec(1.4, 1.8, 380, 0.4),
-    "efficientnet-b5": ModelSpec(1.6, 2.2, 456, 0.4),
-    "efficientnet-b6": ModelSpec(1.8, 2.6, 528, 0.5),
-    "efficientnet-b7": ModelSpec(2.0, 3.1, 600, 0.5),
-    "efficientnet-b8": ModelSpec(2.2, 3.6, 672, 0.5),
-    # Noisy Student's larger models (paper appendix): train / test resolution.
-    "efficientnet-l0": ModelSpec(2.8, 3.7, 380, 0.5, test_resolution=600),
-    "efficientnet-l1": ModelSpec(3.9, 3.7, 380, 0.5, test_resolution=600),
-    "efficientnet-l2": ModelSpec(4.3, 5.3, 475, 0.5, test_resolution=800),
-    # Small variants of the same code for tests and the CPU demo.
-    "efficientnet-tiny": ModelSpec(0.25, 0.25, 16, 0.2),
-    "efficientnet-small": ModelSpec(0.5, 0.5, 32, 0.2),
+  "efficientnet-b0": ModelSpec(1.0, 1.0, 224, 0.2),
+  "efficientnet-b1": ModelSpec(1.0, 1.1, 240, 0.2),
+  "efficientnet-b2": ModelSpec(1.1, 1.2, 260, 0.3),
+  "efficientnet-b3": ModelSpec(1.2, 1.4, 300, 0.3),
+  "efficientnet-b4": ModelSpec(1.4, 1.8, 380, 0.4),
+  "efficientnet-b5": ModelSpec(1.6, 2.2, 456, 0.4),
+  "efficientnet-b6": ModelSpec(1.8, 2.6, 528, 0.5),
+  "efficientnet-b7": ModelSpec(2.0, 3.1, 600, 0.5),
+  "efficientnet-b8": ModelSpec(2.2, 3.6, 672, 0.5),
+  # Noisy Student's larger models (paper appendix): train / test resolution.
+  "efficientnet-l0": ModelSpec(2.8, 3.7, 380, 0.5, test_resolution=600),
+  "efficientnet-l1": ModelSpec(3.9, 3.7, 380, 0.5, test_resolution=600),
+  "efficientnet-l2": ModelSpec(4.3, 5.3, 475, 0.5, test_resolution=800),
+  # Small variants of the same code for tests and the CPU demo.
+  "efficientnet-tiny": ModelSpec(0.25, 0.25, 16, 0.2),
+  "efficientnet-small": ModelSpec(0.5, 0.5, 32, 0.2),
 }
 
 
@@ -117,6 +118,7 @@ def dense_kernel_init(key, shape, dtype=jnp.float32):
 
 class Conv(nn.Module):
   """Convolution without bias (unless `use_bias`), kernel HWIO, TF 'SAME'."""
+
   features: int
   kernel_size: int = 1
   stride: int = 1
@@ -136,6 +138,7 @@ class Conv(nn.Module):
 
 class DepthwiseConv(nn.Module):
   """Depthwise convolution; kernel [k, k, 1, C] (channel multiplier 1)."""
+
   kernel_size: int
   stride: int = 1
   impl: str = "auto"
@@ -154,6 +157,7 @@ class BatchNorm(nn.Module):
   Variables are named as Flax's BatchNorm: params {scale, bias},
   batch_stats {mean, var}; statistics are kept in float32.
   """
+
   momentum: float = 0.99
   epsilon: float = 1e-3
   swish: bool = False
@@ -167,8 +171,7 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
     if not train:
       act = ops.swish if self.swish else None
-      return ops.batch_norm_inference(x, ra_mean.value, ra_var.value, scale, bias,
-                                      self.epsilon, act)
+      return ops.batch_norm_inference(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, act)
     y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon, self.swish)
     if not self.is_initializing():
       m = self.momentum
@@ -179,6 +182,7 @@ class BatchNorm(nn.Module):
 
 class SqueezeExcite(nn.Module):
   """Channel gating from globally pooled features (Hu et al., 2018)."""
+
   reduced_filters: int
   dtype: Any = jnp.float32
 
@@ -204,6 +208,7 @@ def stochastic_depth(x: jax.Array, survival_prob: float, rng: jax.Array) -> jax.
 
 class MBConvBlock(nn.Module):
   """Inverted residual: expand 1x1 -> depthwise kxk -> SE -> project 1x1 (+ skip)."""
+
   args: BlockArgs  # in_filters / out_filters already width-scaled
   survival_prob: float = 1.0
   bn_momentum: float = 0.99
@@ -220,8 +225,7 @@ class MBConvBlock(nn.Module):
     if a.expand_ratio != 1:
       h = Conv(expanded, dtype=self.dtype, impl=self.impl, name="expand_conv")(h)
       h = bn("expand_bn", True)(h, train)
-    h = DepthwiseConv(a.kernel, a.stride, impl=self.impl, dtype=self.dtype,
-                      name="depthwise_conv")(h)
+    h = DepthwiseConv(a.kernel, a.stride, impl=self.impl, dtype=self.dtype, name="depthwise_conv")(h)
     h = bn("depthwise_bn", True)(h, train)
     if a.se_ratio:
       reduced = max(1, int(a.in_filters * a.se_ratio))
@@ -235,15 +239,16 @@ class MBConvBlock(nn.Module):
     return h
 
 
-def block_table(width: float, depth: float, small_image: bool = False,
-                blocks: Sequence[BlockArgs] = B0_BLOCKS) -> Tuple[BlockArgs, ...]:
+def block_table(
+  width: float, depth: float, small_image: bool = False, blocks: Sequence[BlockArgs] = B0_BLOCKS
+) -> Tuple[BlockArgs, ...]:
   """The flat list of blocks of a scaled model, in checkpoint order."""
   flat = []
   for stage, b in enumerate(blocks):
     stride = 1 if small_image and stage in (1, 2) else b.stride
     b = dataclasses.replace(
-        b, in_filters=round_filters(b.in_filters, width),
-        out_filters=round_filters(b.out_filters, width), stride=stride)
+      b, in_filters=round_filters(b.in_filters, width), out_filters=round_filters(b.out_filters, width), stride=stride
+    )
     for r in range(round_repeats(b.repeats, depth)):
       flat.append(b if r == 0 else dataclasses.replace(b, in_filters=b.out_filters, stride=1))
   return tuple(flat)
@@ -272,6 +277,7 @@ class EfficientNet(nn.Module):
       or 'auto' (by backend). Same parameters and results either way.
     remat: rematerialize each block in the backward pass (for L2-sized models).
   """
+
   width: float = 1.0
   depth: float = 1.0
   num_classes: int = 1000
@@ -289,24 +295,29 @@ class EfficientNet(nn.Module):
     ops.resolve_impl(self.conv_impl)  # fail early on a bad name
     bn = lambda name, swish: BatchNorm(self.bn_momentum, self.bn_epsilon, swish, name=name)
     x = images.astype(self.dtype)
-    x = Conv(round_filters(STEM_FILTERS, self.width), kernel_size=3, stride=2,
-             impl=self.conv_impl, dtype=self.dtype, name="stem_conv")(x)
+    x = Conv(
+      round_filters(STEM_FILTERS, self.width),
+      kernel_size=3,
+      stride=2,
+      impl=self.conv_impl,
+      dtype=self.dtype,
+      name="stem_conv",
+    )(x)
     x = bn("stem_bn", True)(x, train)
 
     block_cls = nn.remat(MBConvBlock, static_argnums=(2,)) if self.remat else MBConvBlock
     blocks = block_table(self.width, self.depth, self.small_image)
     for i, args in enumerate(blocks):
       survival = block_survival_prob(i, len(blocks), self.survival_prob)
-      x = block_cls(args, survival, self.bn_momentum, self.bn_epsilon, self.conv_impl,
-                    self.dtype, name=f"blocks_{i}")(x, train)
+      x = block_cls(args, survival, self.bn_momentum, self.bn_epsilon, self.conv_impl, self.dtype, name=f"blocks_{i}")(
+        x, train
+      )
 
-    x = Conv(round_filters(HEAD_FILTERS, self.width), impl=self.conv_impl,
-             dtype=self.dtype, name="head_conv")(x)
+    x = Conv(round_filters(HEAD_FILTERS, self.width), impl=self.conv_impl, dtype=self.dtype, name="head_conv")(x)
     x = bn("head_bn", True)(x, train)
     x = ops.global_avg_pool(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init,
-                      name="classifier")(x)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init, name="classifier")(x)
     return logits.astype(jnp.float32)
 
 

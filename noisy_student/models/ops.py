@@ -47,9 +47,8 @@ def _taps(xp: jax.Array, kh: int, kw: int, stride: int, out_h: int, out_w: int):
   for i in range(kh):
     for j in range(kw):
       window = lax.slice(
-          xp, (0, i, j, 0),
-          (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
-          (1, stride, stride, 1))
+        xp, (0, i, j, 0), (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c), (1, stride, stride, 1)
+      )
       yield i, j, window
 
 
@@ -74,11 +73,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> jax.Array
     if cin <= DIRECT_MAX_IN_CHANNELS:
       return _conv_direct(x, kernel, stride)
     return _conv_im2col(x, kernel, stride)
-  padding = [same_padding(x.shape[1], kh, stride),
-             same_padding(x.shape[2], kw, stride)]
-  return lax.conv_general_dilated(
-      x, kernel, (stride, stride), padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  padding = [same_padding(x.shape[1], kh, stride), same_padding(x.shape[2], kw, stride)]
+  return lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 # A convolution over at most this many input channels (the stem's RGB) runs, without gradients, as one
@@ -105,7 +101,7 @@ def _conv_direct(x, kernel, stride):
   y = None
   for i, j, window in _taps(_pad_same(x, kh, kw, stride), kh, kw, stride, out_h, out_w):
     for c in range(cin):
-      term = window[..., c:c + 1] * kernel[i, j, c]
+      term = window[..., c : c + 1] * kernel[i, j, c]
       y = term if y is None else y + term
   return y
 
@@ -128,18 +124,15 @@ _conv_direct.defvjp(_conv_direct_fwd, _conv_direct_bwd)
 # Depthwise convolution.
 
 
-def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int,
-                     impl: str) -> jax.Array:
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, impl: str) -> jax.Array:
   """Depthwise convolution, TF 'SAME' padding; kernel is [kh, kw, 1, C]."""
   if resolve_impl(impl) == "shifted":
     return _depthwise_shifted(x, kernel, stride, tuple(x.shape[1:3]))
   kh, kw = kernel.shape[:2]
-  padding = [same_padding(x.shape[1], kh, stride),
-             same_padding(x.shape[2], kw, stride)]
+  padding = [same_padding(x.shape[1], kh, stride), same_padding(x.shape[2], kw, stride)]
   return lax.conv_general_dilated(
-      x, kernel, (stride, stride), padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=x.shape[-1])
+    x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1]
+  )
 
 
 def _depthwise_padded(xp, kernel, stride, out_h, out_w):
@@ -196,10 +189,9 @@ def _depthwise_shifted_bwd(stride, size, residuals, g):
     return lo, hi
 
   zero = jnp.zeros((), g.dtype)
-  gp = lax.pad(g, zero, [(0, 0, 0),
-                         (*edges(top, h, out_h, kh), stride - 1),
-                         (*edges(left, w, out_w, kw), stride - 1),
-                         (0, 0, 0)])
+  gp = lax.pad(
+    g, zero, [(0, 0, 0), (*edges(top, h, out_h, kh), stride - 1), (*edges(left, w, out_w, kw), stride - 1), (0, 0, 0)]
+  )
   dx = None
   for i, j, window in _taps(gp, kh, kw, 1, h, w):
     term = window * kernel[kh - 1 - i, kw - 1 - j, 0]
@@ -255,8 +247,7 @@ def _swish_grad(y):
   return s * (1 + y * (1 - s))
 
 
-def batch_norm_inference(x, mean, var, scale, bias, epsilon: float,
-                         act: Activation) -> jax.Array:
+def batch_norm_inference(x, mean, var, scale, bias, epsilon: float, act: Activation) -> jax.Array:
   """Eval-mode batch norm: one multiply-add per element, then the activation."""
   a = scale * lax.rsqrt(var + epsilon)
   b = bias - mean * a
@@ -264,9 +255,9 @@ def batch_norm_inference(x, mean, var, scale, bias, epsilon: float,
   return y if act is None else act(y)
 
 
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
-                     epsilon: float, swish: bool
-                     ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+def batch_norm_train(
+  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, swish: bool
+) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Train-mode batch norm over all but the channel axis, then swish or nothing.
 
   Returns (output, batch mean, batch variance); statistics are float32 and
@@ -281,7 +272,7 @@ def _moments(x):
   count = x.size // x.shape[-1]
   total, total_sq = channel_sums([x, jnp.square(x.astype(jnp.float32))])
   mean = total / count
-  var = jnp.maximum(total_sq / count - jnp.square(mean), 0.)
+  var = jnp.maximum(total_sq / count - jnp.square(mean), 0.0)
   return mean, var
 
 
@@ -338,8 +329,7 @@ def _bn_train_bwd(epsilon, swish, residuals, cotangents):
     g = g * _swish_grad(y)
   dbias, dscale = channel_sums([g, g * xhat])
   count = x.size // x.shape[-1]
-  dx = a * (g - (dbias / count).astype(x.dtype)
-            - xhat * (dscale / count).astype(x.dtype))
+  dx = a * (g - (dbias / count).astype(x.dtype) - xhat * (dscale / count).astype(x.dtype))
   return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
