@@ -59,6 +59,18 @@ def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, tot
   return schedule, train_lib.create_optimizer(opt.name, schedule, opt.weight_decay, frozen=opt.frozen)
 
 
+def _fresh_state(config: ml_collections.ConfigDict, model, tx, mesh):
+  """The seed's initial train state on `mesh`, replicated or fsdp-sharded as config.mesh says."""
+  return train_lib.create_train_state(
+    model,
+    tx,
+    jax.random.key(config.seed),
+    config.model.image_size,
+    mesh=mesh,
+    param_sharding=config.mesh.param_sharding,
+  )
+
+
 def check_frozen(pattern: str, params) -> None:
   """config.optimizer.frozen must name some parameters (a typo would silently train everything) but not
   all of them."""
@@ -276,14 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   schedule, tx = build_optimizer(config, steps_per_epoch, total_steps)
   model = build_model(config)
 
-  state = train_lib.create_train_state(
-    model,
-    tx,
-    jax.random.key(config.seed),
-    config.model.image_size,
-    mesh=mesh,
-    param_sharding=config.mesh.param_sharding,
-  )
+  state = _fresh_state(config, model, tx, mesh)
   manager = checkpoint.create_manager(str(workdir / CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
   check_frozen(opt.frozen, state.params)
   restored = checkpoint.restore_latest(manager, state)
@@ -442,14 +447,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
   model = build_model(config)
   _, tx = build_optimizer(config, 1, 1)  # only the state's structure matters for restoring
-  template = train_lib.create_train_state(
-    model,
-    tx,
-    jax.random.key(config.seed),
-    config.model.image_size,
-    mesh=mesh,
-    param_sharding=config.mesh.param_sharding,
-  )
+  template = _fresh_state(config, model, tx, mesh)
   manager = checkpoint.create_manager(str(workdir / CHECKPOINT_DIR), max_to_keep=None)
   state = checkpoint.restore_latest(manager, template)
   if state is None:

@@ -73,7 +73,7 @@ def test_fine_tuning_at_a_larger_size_starts_from_the_export(tmp_path, monkeypat
   config = digits_config()
   config.model.name = "efficientnet-tiny"
   source = train.create_train_state(
-    trainer.build_model(config, 10), trainer.build_optimizer(config, 1, 1)[1], jax.random.key(7), 16
+    trainer.build_model(config), trainer.build_optimizer(config, 1, 1)[1], jax.random.key(7), 16
   )
   export = str(tmp_path / "pretrained" / checkpoint.EXPORT_DIR)
   checkpoint.save_inference_variables(export, train.eval_variables(source))
@@ -93,7 +93,7 @@ def test_fine_tuning_at_a_larger_size_starts_from_the_export(tmp_path, monkeypat
   config.evaluate.suites = ""
 
   fresh = train.create_train_state(
-    trainer.build_model(config, 10),
+    trainer.build_model(config),
     trainer.build_optimizer(config, 1, 1)[1],
     jax.random.key(3),
     24,
