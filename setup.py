@@ -37,6 +37,8 @@ setuptools.setup(
       "keras>=3.8,<4",  # parity tests against keras.applications.EfficientNet
       "av>=14",  # the ImageNet-P reader's tests write and read videos
       "ruff==0.17.6",  # lint and format check (pyproject.toml); pinned so formatting is stable
+      # XLA's TPU compiler for the compile-only tests (mode=compile): the pin of jax[tpu]==0.10.2.
+      "libtpu==0.0.42.*; platform_system=='Linux' and platform_machine=='x86_64'",
     ],
     # ImageNet-P's perturbation videos (config.evaluate.suites=imagenet_p) are decoded with PyAV.
     "video": ["av>=14"],

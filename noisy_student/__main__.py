@@ -113,6 +113,11 @@ def main(argv) -> None:
     if flags.FLAGS["config"].present:
       raise app.UsageError("--workdir is required with --config.")
     workdir = _DEFAULT_WORKDIR
+  if config.mode == "compile":
+    # Compile-only TPU devices come from libtpu's compiler; the process itself runs on the CPU, and off a
+    # TPU VM there is no metadata server to ask.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   single_process = not (_COORDINATOR.value or _DISTRIBUTED.value)  # several processes would share the cores
   if single_process and _CPU_DEVICE_PER_CORE.value:
     host_devices.split_per_core()  # before jax starts its backends; see cpu/devices.py
@@ -124,7 +129,7 @@ def main(argv) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   # Deferred on purpose, not a cycle: these modules import jax, which must come after XLA_FLAGS (the host
   # device count) and jax.distributed are set up above.
-  from noisy_student import iterate, label, trainer  # pylint: disable=g-import-not-at-top
+  from noisy_student import compile_only, iterate, label, trainer  # pylint: disable=g-import-not-at-top
 
   logging.info(
     "%d %s device(s) in this process, %d in all.", jax.local_device_count(), jax.default_backend(), jax.device_count()
@@ -145,8 +150,10 @@ def main(argv) -> None:
       result = label.label(config, str(workdir))
     elif config.mode == "iterate":
       result = iterate.iterate(config, str(workdir))
+    elif config.mode == "compile":
+      result = compile_only.compile_report(config, str(workdir))
     else:
-      raise app.UsageError(f"Unknown config.mode {config.mode!r}; use train, evaluate, label or iterate.")
+      raise app.UsageError(f"Unknown config.mode {config.mode!r}; use train, evaluate, label, iterate or compile.")
   except (
     FileNotFoundError,
     ValueError,

@@ -13,6 +13,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = "train"
   c.seed = 0
+  # dtype: of activations ('bfloat16' on TPUs for L-sized models; parameters stay float32); remat: recompute
+  # each block's activations in the backward pass; conv_impl: 'auto' picks by the devices' platform.
   c.model = dict(
     name="efficientnet-b0",
     num_classes=1000,
@@ -21,6 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
     bn_momentum=0.99,
     image_size=224,
     small_image=False,
+    dtype="float32",
+    remat=False,
+    conv_impl="auto",
   )
   # unlabeled: pseudo-labeled TFRecord glob (a student); unlabeled_source: raw images the teacher labels.
   # global_order: every process reads the train sources whole, so batches are the same on any number of
@@ -97,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
     log_every_batches=50,
     log_every_secs=60.0,
   )
+  # mode='compile': the steps of config.compile.stages (train, label, eval) compiled ahead of time for a TPU
+  # slice (topology 'v3:32x32', 'v5p:4x4x4', ...; v4 needs chip_config_name='megacore'), reported per device.
+  c.compile = dict(topology="", stages="train,label,eval", chip_config_name="")
   # Which pseudo-labels a student trains on (computed from the labels' stats.json); enabled=False uses all.
   c.select = dict(enabled=True, threshold=0.3, per_class=0, balance=True)
   # mode='iterate': teacher -> (label -> select -> student) x num_iterations, one stage folder each.
@@ -120,7 +128,8 @@ def selection_arguments(select: ml_collections.ConfigDict) -> Dict[str, Any]:
 
 def model_arguments(model: ml_collections.ConfigDict) -> Dict[str, Any]:
   """`models.create_model`'s arguments from a config's `model` block: the EfficientNet it names with its
-  noise knobs (dropout, stochastic depth, BN momentum). Training runs it noised, labeling with train=False."""
+  noise knobs (dropout, stochastic depth, BN momentum) and compute settings. Training runs it noised,
+  labeling with train=False."""
   return dict(
     name=model.name,
     num_classes=model.num_classes,
@@ -128,4 +137,7 @@ def model_arguments(model: ml_collections.ConfigDict) -> Dict[str, Any]:
     survival_prob=model.survival_prob,
     bn_momentum=model.bn_momentum,
     small_image=model.small_image,
+    dtype=model.dtype,
+    remat=model.remat,
+    conv_impl=model.conv_impl,
   )

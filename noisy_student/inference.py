@@ -59,10 +59,12 @@ def make_forward(
   if mesh is None:
     raise ValueError("make_forward: micro-batching runs per device and needs the mesh.")
   rows = PartitionSpec(sharding.BATCH_AXES)
+  platform = sharding.platform(mesh)
 
   def per_device(variables, images):
     n = images.shape[0]
-    size = micro_batch_size(n, micro_batch, image_pixels=images.shape[1] * images.shape[2])
+    # The platform of the devices compiled for, not the default backend (a CPU host compiling for a TPU).
+    size = micro_batch_size(n, micro_batch, platform, image_pixels=images.shape[1] * images.shape[2])
     if size == n:
       return forward(variables, images)
     passes = images.reshape(n // size, size, *images.shape[1:])

@@ -164,7 +164,7 @@ def _teacher_from_checkpoint(config, folder: epath.Path) -> Dict[str, Any]:
   variables = convert.load_tf_checkpoint(config.iterate.teacher_checkpoint, config.model.name)
   checkpoint.save_inference_variables(str(folder / checkpoint.EXPORT_DIR), variables)
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
-  return trainer.evaluate_variables(config, trainer.build_model(config), variables, mesh)
+  return trainer.evaluate_variables(config, trainer.build_model(config, mesh), variables, mesh)
 
 
 def iterate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:

@@ -97,7 +97,9 @@ def _fingerprint(config: ml_collections.ConfigDict, num_batches: int, global_bat
     "top_k": lc.top_k,
     "hard": bool(lc.hard),
     "num_bins": lc.num_bins,
-    "micro_batch": inference.micro_batch_size(per_device, lc.micro_batch, image_pixels=m.image_size**2),
+    "micro_batch": inference.micro_batch_size(
+      per_device, lc.micro_batch, sharding.platform(mesh), image_pixels=m.image_size**2
+    ),
   }
 
 
@@ -195,7 +197,7 @@ def label(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     raise ValueError("config.data.unlabeled_source is empty: name the images to label (e.g. 'tfds:digits:train[50:]').")
   normalization_lib.check_normalization(config.data.normalization)  # before any work starts
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
-  model = create_model(**config_defaults.model_arguments(config.model))
+  model = create_model(**config_defaults.model_arguments(config.model), platform=sharding.platform(mesh))
   num_classes = config.model.num_classes
   source = data_lib.open_source(
     config.data.unlabeled_source, data_dir=config.data.data_dir or None, labeled=False, with_key=True

@@ -26,6 +26,12 @@ def create_mesh(data: Optional[int] = None, fsdp: int = 1, devices: Optional[Seq
   return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
+def platform(mesh: Mesh) -> str:
+  """'cpu', 'gpu' or 'tpu': what the mesh's devices are, which is what a step is compiled for (a CPU process
+  may build a mesh of compile-only TPU devices), so implementation choices follow it, not the default backend."""
+  return mesh.devices.flat[0].platform
+
+
 def check_auto_axes(mesh: Mesh) -> None:
   """Steps are written for Auto axes: the classic jit-with-NamedSharding model, where XLA propagates
   shardings and a reduction over the batch (loss mean, BN statistics, eval counts) is a global one.

@@ -183,6 +183,25 @@ def _key_data(rng: Array) -> Array:
   return jnp.asarray(rng, jnp.uint32)
 
 
+def _initial_state(model: nn.Module, tx: optax.GradientTransformation, image_size: int, rng: Array) -> TrainState:
+  init_rng, train_rng = jax.random.split(rng)
+  # Parameters drawn with XLA's RngBitGenerator ('rbg'), seeded from the threefry key: one op per draw
+  # compiles about twice as fast on CPU as threefry's unrolled rounds (init otherwise dominates start-up).
+  init_rng = jax.random.wrap_key_data(jax.random.bits(init_rng, (4,), jnp.uint32), impl="rbg")
+  variables = model.init(init_rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  # EMA copies are distinct arrays (x + 0 is not aliased), so the donated state never repeats a buffer.
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=tx.init(params),
+    ema_params=jax.tree.map(jnp.copy, params),
+    ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+    rng=train_rng,
+  )
+
+
 def create_train_state(
   model: nn.Module,
   tx: optax.GradientTransformation,
@@ -197,25 +216,7 @@ def create_train_state(
   'fsdp', see sharding.state_shardings); every process computes the same values from the same key, the
   multi-host way. Without, it lands on the default device (`replicate` moves it).
   """
-
-  def init(rng):
-    init_rng, train_rng = jax.random.split(rng)
-    # Parameters drawn with XLA's RngBitGenerator ('rbg'), seeded from the threefry key: one op per draw
-    # compiles about twice as fast on CPU as threefry's unrolled rounds (init otherwise dominates start-up).
-    init_rng = jax.random.wrap_key_data(jax.random.bits(init_rng, (4,), jnp.uint32), impl="rbg")
-    variables = model.init(init_rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
-    params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    # EMA copies are distinct arrays (x + 0 is not aliased), so the donated state never repeats a buffer.
-    return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      batch_stats=batch_stats,
-      opt_state=tx.init(params),
-      ema_params=jax.tree.map(jnp.copy, params),
-      ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
-      rng=train_rng,
-    )
-
+  init = functools.partial(_initial_state, model, tx, image_size)
   if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.wrap_key_data(rng)
   out_shardings = None
@@ -223,6 +224,18 @@ def create_train_state(
     out_shardings = sharding.state_shardings(jax.eval_shape(init, rng), mesh, param_sharding)
   state = jax.jit(init, out_shardings=out_shardings)(rng)
   return state.replace(rng=_key_data(state.rng))
+
+
+def abstract_train_state(
+  model: nn.Module, tx: optax.GradientTransformation, image_size: int, mesh: Mesh, param_sharding: str = "replicate"
+) -> TrainState:
+  """The train state as ShapeDtypeStructs with the shardings `create_train_state` gives it on `mesh`, computing
+  nothing: what compiling the step ahead of time, for devices this host does not have, needs."""
+  shapes = jax.eval_shape(
+    lambda: (lambda s: s.replace(rng=_key_data(s.rng)))(_initial_state(model, tx, image_size, jax.random.key(0)))
+  )
+  shardings = sharding.state_shardings(shapes, mesh, param_sharding)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def replicate(state: TrainState, mesh: Mesh) -> TrainState:

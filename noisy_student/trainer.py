@@ -39,9 +39,11 @@ def _opt(value):
   return value or None
 
 
-def build_model(config: ml_collections.ConfigDict):
-  """The EfficientNet of config.model with its noise knobs (dropout, stochastic depth, BN momentum)."""
-  return create_model(**config_defaults.model_arguments(config.model))
+def build_model(config: ml_collections.ConfigDict, mesh=None):
+  """The EfficientNet of config.model with its noise knobs (dropout, stochastic depth, BN momentum), its
+  implementation chosen for the mesh's devices (the default backend's without a mesh)."""
+  platform = sharding.platform(mesh) if mesh is not None else None
+  return create_model(**config_defaults.model_arguments(config.model), platform=platform)
 
 
 def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int):
@@ -286,7 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   total_steps = _train_steps(config, total_labeled)
   opt = config.optimizer
   schedule, tx = build_optimizer(config, steps_per_epoch, total_steps)
-  model = build_model(config)
+  model = build_model(config, mesh)
 
   state = _fresh_state(config, model, tx, mesh)
   manager = checkpoint.create_manager(str(workdir / CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints)
@@ -445,7 +447,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
   workdir = epath.Path(workdir)
   robustness_suites(config)
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp)
-  model = build_model(config)
+  model = build_model(config, mesh)
   _, tx = build_optimizer(config, 1, 1)  # only the state's structure matters for restoring
   template = _fresh_state(config, model, tx, mesh)
   manager = checkpoint.create_manager(str(workdir / CHECKPOINT_DIR), max_to_keep=None)

@@ -321,11 +321,13 @@ class EfficientNet(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def create_model(name: str, num_classes: int = 1000, **overrides) -> EfficientNet:
+def create_model(name: str, num_classes: int = 1000, *, platform: Optional[str] = None, **overrides) -> EfficientNet:
   """EfficientNet by its official name, e.g. 'efficientnet-b0' or 'efficientnet-l2'.
 
   `overrides` set any EfficientNet attribute (dropout_rate, survival_prob,
-  dtype, conv_impl, small_image, remat, bn_momentum, ...).
+  dtype, conv_impl, small_image, remat, bn_momentum, ...). `platform`: that of the devices the model will be
+  compiled for; conv_impl 'auto' is resolved for it now (a CPU process compiling for a TPU gets the TPU's
+  convolutions), else when the model is traced, for the default backend.
   """
   if name not in MODEL_SPECS:
     raise ValueError(f"Unknown model {name!r}; known: {', '.join(MODEL_SPECS)}")
@@ -336,4 +338,6 @@ def create_model(name: str, num_classes: int = 1000, **overrides) -> EfficientNe
     raise ValueError(f"Unknown EfficientNet option(s) {sorted(unknown)}; known: {sorted(fields)}")
   kwargs = dict(width=spec.width, depth=spec.depth, dropout_rate=spec.dropout_rate)
   kwargs.update(overrides)
+  if platform is not None:
+    kwargs["conv_impl"] = ops.resolve_impl(kwargs.get("conv_impl", "auto"), platform)
   return EfficientNet(num_classes=num_classes, **kwargs)

@@ -17,12 +17,13 @@ from jax import lax
 IMPLS = ("auto", "xla", "shifted")
 
 
-def resolve_impl(impl: str) -> str:
-  """'auto' -> 'shifted' on CPU (several times faster there), 'xla' elsewhere."""
+def resolve_impl(impl: str, platform: Optional[str] = None) -> str:
+  """'auto' -> 'shifted' on CPU (several times faster there), 'xla' elsewhere. `platform` is that of the
+  devices the step is compiled for ('cpu', 'tpu', 'gpu'); None: the default backend's."""
   if impl not in IMPLS:
     raise ValueError(f"conv_impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    return "shifted" if jax.default_backend() == "cpu" else "xla"
+    return "shifted" if (platform or jax.default_backend()) == "cpu" else "xla"
   return impl
 
 
