@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from noisy_student import config_defaults
 from noisy_student.cpu import allocator
 from noisy_student.cpu import devices as host_devices
 
@@ -153,7 +154,7 @@ def main(argv) -> None:
     elif config.mode == "compile":
       result = compile_only.compile_report(config, str(workdir))
     else:
-      raise app.UsageError(f"Unknown config.mode {config.mode!r}; use train, evaluate, label, iterate or compile.")
+      raise app.UsageError(f"Unknown config.mode {config.mode!r}; use one of {', '.join(config_defaults.MODES)}.")
   except (
     FileNotFoundError,
     ValueError,

@@ -121,8 +121,8 @@ def _compile(step, *args):
 
 
 def _train_stage(config, model, mesh, chip, num_devices):
-  ratio = config.data.ratio if config.data.unlabeled else 0
-  global_batch = config.data.labeled_batch * (1 + ratio)
+  # A student's step sees labeled + ratio x pseudo-labeled images; the pseudo-labels need not exist yet.
+  global_batch = config.data.labeled_batch * (1 + config.data.ratio)
   _, tx = trainer.build_optimizer(config, 1000, 10000)  # the schedule's numbers do not change the program
   state = train_lib.abstract_train_state(
     model, tx, config.model.image_size, mesh, param_sharding=config.mesh.param_sharding

@@ -7,6 +7,8 @@ from typing import Any, Dict
 
 import ml_collections
 
+MODES = ("train", "evaluate", "label", "iterate", "compile")
+
 
 def base_config() -> ml_collections.ConfigDict:
   """Defaults of the paper's ImageNet recipe; task configs override what differs."""

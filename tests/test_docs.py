@@ -22,6 +22,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from noisy_student import config_defaults
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = [README] + sorted((ROOT / "docs").glob("*.md"))
@@ -160,7 +162,7 @@ def test_command(doc, command, monkeypatch):
     pytest.fail(f"{where}: the flags do not parse: {type(e).__name__}: {e}")
   if values["config"].present:
     assert values["workdir"].value, f"{where}: --config without --workdir (__main__.py requires it)"
-  assert config.mode in ("train", "evaluate", "label", "iterate"), f"{where}: config.mode={config.mode!r}"
+  assert config.mode in config_defaults.MODES, f"{where}: config.mode={config.mode!r}"
 
 
 def test_readme_size_and_ci_test_command():
