@@ -10,6 +10,7 @@ accessed per step, and a roofline lower bound on the step time from the chip's p
 not fit is an error that says by how much and which settings would help.
 """
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -81,6 +82,17 @@ def topology_devices(topology: str, chip_config_name: str = "") -> List[jax.Devi
       "Install libtpu (pip install -e '.[tpu]') and use a name like v3:4x4, v5e:2x2 or v5p:4x4x4."
     ) from None
   return list(description.devices)
+
+
+@contextlib.contextmanager
+def without_persistent_cache():
+  """Compile-only executables cannot be loaded back: keep them out of the persistent compilation cache."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
 
 
 def analyze(compiled, *, stage: str, chip: Chip, images_per_step: int, num_devices: int, compile_s: float) -> Dict:
@@ -248,10 +260,11 @@ def compile_report(config: ml_collections.ConfigDict, workdir: Optional[str] = N
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp, devices=devices)
   model = trainer.build_model(config, mesh)
   reports = []
-  for stage in stages:
-    logging.info("Compiling the %s step for %s (%d devices)...", stage, cc.topology, len(devices))
-    _, report = _BUILDERS[stage](config, model, mesh, chip, len(devices))
-    reports.append(report)
+  with without_persistent_cache():
+    for stage in stages:
+      logging.info("Compiling the %s step for %s (%d devices)...", stage, cc.topology, len(devices))
+      _, report = _BUILDERS[stage](config, model, mesh, chip, len(devices))
+      reports.append(report)
   result = {
     "topology": cc.topology,
     "devices": len(devices),

@@ -28,6 +28,12 @@ def _config(topology, stages="train", **model):
   return config
 
 
+@pytest.fixture(autouse=True)
+def _no_persistent_cache():
+  with compile_only.without_persistent_cache():
+    yield
+
+
 @pytest.fixture(scope="module")
 def v3_mesh():
   return sharding.create_mesh(fsdp=2, devices=compile_only.topology_devices("v3:2x2"))
