@@ -4,8 +4,10 @@
 #   launch/tpu_vm.sh --name=ns-v4 --zone=us-central2-b [--type=v4-32 --create] -- \
 #       --config=configs/imagenet.py:model=b7,stage=student --workdir=gs://BUCKET/b7
 #
-# Steps: (--create) make the TPU VM; copy this checkout's tracked files (uncommitted edits included) to every
-# worker; install it there with the `tpu` extra (jax[tpu]); start the job on all workers at once with
+# Steps: compile the job's steps for the slice here first (--config.mode=compile with --type as the topology:
+# libtpu's compiler, no TPU needed), so a job that does not fit in HBM stops before any capacity is asked for
+# (--skip_preflight skips it; --local_python=PY is the Python with this package and libtpu); (--create) make
+# the TPU VM; copy this checkout's tracked files (uncommitted edits included) to every worker; install it there with the `tpu` extra (jax[tpu]); start the job on all workers at once with
 # --distributed (jax finds the pod's coordinator itself), detached under nohup, logging to ~/noisy_student.log on
 # each worker. Rerunning the same command after a preemption resumes (workdirs on gs:// keep the checkpoints).
 # --dry_run prints the gcloud commands instead of running them. Needs gcloud with a project set, and a Python
@@ -13,6 +15,7 @@
 set -euo pipefail
 
 name="" zone="" type="v4-8" version="tpu-ubuntu2204-base" create=0 dry_run=0 project="" python="python3"
+preflight=1 local_python="python3"
 usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 while (($#)); do
   case "$1" in
@@ -22,6 +25,8 @@ while (($#)); do
     --version=*) version="${1#*=}" ;;
     --project=*) project="${1#*=}" ;;
     --python=*) python="${1#*=}" ;;
+    --local_python=*) local_python="${1#*=}" ;;
+    --skip_preflight) preflight=0 ;;
     --create) create=1 ;;
     --dry_run) dry_run=1 ;;
     -h|--help) usage 0 ;;
@@ -43,6 +48,16 @@ where=(--zone="$zone")
 run() {
   if ((dry_run)); then printf '%q ' "$@"; echo; else "$@"; fi
 }
+
+if ((preflight)); then
+  check=(env -C "$repo" "$local_python" -m noisy_student "$@" --workdir="$repo/workdirs/preflight-$name"
+         --config.mode=compile --config.compile.topology="$type")
+  if ! run "${check[@]}"; then
+    echo "tpu_vm.sh: the job's steps do not compile for $type (see above); fix the settings, or pass" \
+         "--skip_preflight to launch anyway" >&2
+    exit 1
+  fi
+fi
 
 if ((create)); then
   run "${tpu[@]}" create "$name" "${where[@]}" --accelerator-type="$type" --version="$version"

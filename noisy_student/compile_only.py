@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
@@ -59,6 +59,37 @@ class DoesNotFitError(ValueError):
   """A compiled step needs more memory per device than the chip has."""
 
 
+# Cloud accelerator-type prefixes -> topology generations; v2-v5p types count TensorCores (two per chip).
+_CLOUD_GENERATIONS = {"v2": "v2", "v3": "v3", "v4": "v4", "v5p": "v5p", "v5litepod": "v5e", "v5e": "v5e", "v6e": "v6e"}
+_CORES_PER_CHIP = {"v2": 2, "v3": 2, "v4": 2, "v5p": 2}
+_THREE_D = ("v4", "v5p")
+
+
+def resolve_topology(name: str, chip_config_name: str = "") -> Tuple[str, str]:
+  """A topology ('v3:4x4') or a Cloud accelerator type ('v3-32', 'v4-32', 'v5litepod-16', 'v5p-128', 'v6e-256')
+  -> (topology name, chip_config_name) for the compiler. A slice's chips are laid out as Cloud TPU lays them
+  out: starting from one host's 2x2(x1), each doubling doubles the last of the smallest dimensions (v3-2048:
+  32x32; v4-128: 4x4x4). v4 is compiled as megacore (one device per chip), as TPU VMs run it."""
+  if ":" in name:
+    generation = name.split(":", 1)[0].lower()
+    return name, chip_config_name or ("megacore" if generation == "v4" else "")
+  prefix, _, count = name.lower().rpartition("-")
+  generation = _CLOUD_GENERATIONS.get(prefix)
+  if generation is None or not count.isdigit():
+    raise ValueError(
+      f"config.compile.topology={name!r}: expected a topology (v3:4x4, v5p:4x4x4) or a Cloud accelerator type "
+      f"({', '.join(f'{p}-N' for p in _CLOUD_GENERATIONS)})."
+    )
+  chips = int(count) // _CORES_PER_CHIP.get(generation, 1)
+  dims = [2, 2, 1] if generation in _THREE_D else [2, 2]
+  while int(np.prod(dims)) < chips:
+    smallest = min(dims)
+    dims[len(dims) - 1 - dims[::-1].index(smallest)] *= 2
+  if int(np.prod(dims)) != chips:
+    raise ValueError(f"config.compile.topology={name!r}: {chips} chips is not a slice shape this maps (4, 8, 16, ...).")
+  return f"{generation}:{'x'.join(map(str, dims))}", chip_config_name or ("megacore" if generation == "v4" else "")
+
+
 def chip_of(topology: str) -> Chip:
   """'v3:4x4' -> the v3 entry of CHIPS; errors name the known generations."""
   generation = topology.split(":", 1)[0].lower()
@@ -73,6 +104,7 @@ def topology_devices(topology: str, chip_config_name: str = "") -> List[jax.Devi
   """Compile-only devices of a TPU slice ('v3:32x32', 'v5e:2x2', 'v5p:4x4x4'; v4 needs chip_config_name
   'megacore'). Needs libtpu (`pip install -e '.[tpu]'`); no TPU is touched."""
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask off a TPU VM
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # else one process at a time may load libtpu
   kwargs = {"chip_config_name": chip_config_name} if chip_config_name else {}
   try:
     description = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
@@ -255,18 +287,19 @@ def compile_report(config: ml_collections.ConfigDict, workdir: Optional[str] = N
   if not cc.topology:
     raise ValueError("config.compile.topology is empty: name a TPU slice, e.g. v3:4x4 or v5p:4x4x4.")
   stages = parse_stages(cc.stages)
-  chip = chip_of(cc.topology)
-  devices = topology_devices(cc.topology, cc.chip_config_name)
+  topology, chip_config_name = resolve_topology(cc.topology, cc.chip_config_name)
+  chip = chip_of(topology)
+  devices = topology_devices(topology, chip_config_name)
   mesh = sharding.create_mesh(fsdp=config.mesh.fsdp, devices=devices)
   model = trainer.build_model(config, mesh)
   reports = []
   with without_persistent_cache():
     for stage in stages:
-      logging.info("Compiling the %s step for %s (%d devices)...", stage, cc.topology, len(devices))
+      logging.info("Compiling the %s step for %s (%d devices)...", stage, topology, len(devices))
       _, report = _BUILDERS[stage](config, model, mesh, chip, len(devices))
       reports.append(report)
   result = {
-    "topology": cc.topology,
+    "topology": topology,
     "devices": len(devices),
     "device_kind": devices[0].device_kind,
     "chip": dataclasses.asdict(chip),
@@ -282,7 +315,7 @@ def compile_report(config: ml_collections.ConfigDict, workdir: Optional[str] = N
     folder = epath.Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
     outputs.write_json(folder / REPORT_FILE, result)
-  print(format_table(cc.topology, reports))
+  print(format_table(topology, reports))
   too_big = [r for r in reports if not r["fits"]]
   if too_big:
     raise DoesNotFitError("; ".join(shortfall_advice(r, config, len(devices)) for r in too_big) + ".")

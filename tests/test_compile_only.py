@@ -117,8 +117,36 @@ def test_a_stage_that_does_not_fit_says_by_how_much(tmp_path, monkeypatch):
   assert '"fits": false' in report  # the report is written before the error
 
 
+@pytest.mark.parametrize(
+  "name, expected",
+  [
+    ("v2-8", ("v2:2x2", "")),
+    ("v3-32", ("v3:4x4", "")),
+    ("v3-64", ("v3:4x8", "")),
+    ("v3-2048", ("v3:32x32", "")),  # the paper's pod: 2048 cores
+    ("v4-8", ("v4:2x2x1", "megacore")),
+    ("v4-32", ("v4:2x2x4", "megacore")),
+    ("v4-128", ("v4:4x4x4", "megacore")),
+    ("v5p-128", ("v5p:4x4x4", "")),
+    ("v5litepod-16", ("v5e:4x4", "")),
+    ("v6e-256", ("v6e:16x16", "")),
+    ("v3:4x4", ("v3:4x4", "")),
+  ],
+)
+def test_cloud_accelerator_types_map_to_their_slices(name, expected):
+  assert compile_only.resolve_topology(name) == expected
+
+
+@pytest.mark.parametrize("name, devices", [("v4-32", 16), ("v3-64", 64), ("v5litepod-8", 8), ("v5p-32", 16)])
+def test_the_mapped_slices_have_the_cloud_types_device_counts(name, devices):
+  """One JAX device per TensorCore on v2 / v3, per chip elsewhere (v4 and v5p as megacore)."""
+  assert len(compile_only.topology_devices(*compile_only.resolve_topology(name))) == devices
+
+
 def test_unknown_topology_and_stage_are_named():
   with pytest.raises(ValueError, match="unknown TPU generation 'v9'"):
     compile_only.chip_of("v9:2x2")
+  with pytest.raises(ValueError, match="expected a topology .* or a Cloud accelerator type"):
+    compile_only.resolve_topology("tpu-32")
   with pytest.raises(ValueError, match="config.compile.stages='train,fly'"):
     compile_only.parse_stages("train,fly")

@@ -86,6 +86,45 @@ def test_the_worker_installs_then_starts_the_job_in_the_background(tmp_path, pip
   assert (home / "job.args").read_text().splitlines() == ["-m", "noisy_student", "--distributed", *JOB]
 
 
+def test_the_preflight_compiles_the_job_for_the_slice_before_asking_for_it():
+  out = _launch("--dry_run", "--name=ns", "--zone=z", "--type=v4-32", "--create", "--local_python=py3", "--", *JOB)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  check = shlex.split(lines[0])
+  repo = os.path.realpath(os.path.join(os.path.dirname(SCRIPT), ".."))
+  assert check[:6] == ["env", "-C", repo, "py3", "-m", "noisy_student"]
+  # The job's own flags, then a local workdir (absl keeps the last) and the compile mode for this slice.
+  assert check[6:] == [
+    *JOB,
+    f"--workdir={repo}/workdirs/preflight-ns",
+    "--config.mode=compile",
+    "--config.compile.topology=v4-32",
+  ]
+  assert shlex.split(lines[1])[4] == "create"  # only then is capacity asked for
+  skipped = _launch("--dry_run", "--skip_preflight", "--name=ns", "--zone=z", "--", *JOB)
+  assert not any("noisy_student" in line and "compile" in line for line in skipped.stdout.splitlines())
+
+
+def test_a_failed_preflight_stops_before_any_gcloud_call(tmp_path):
+  fake = tmp_path / "py"
+  fake.write_text('#!/usr/bin/env bash\necho "error: DoesNotFitError: the train step needs 22.4 GiB" >&2; exit 1\n')
+  fake.chmod(0o755)
+  gcloud = tmp_path / "gcloud"
+  gcloud.write_text(f'#!/usr/bin/env bash\ntouch "{tmp_path}/gcloud.called"\n')
+  gcloud.chmod(0o755)
+  env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+  out = subprocess.run(
+    ["bash", SCRIPT, "--name=ns", "--zone=z", "--create", f"--local_python={fake}", "--", *JOB],
+    capture_output=True,
+    text=True,
+    env=env,
+    check=False,
+  )
+  assert out.returncode == 1
+  assert "DoesNotFitError" in out.stderr and "pass --skip_preflight to launch anyway" in out.stderr
+  assert not (tmp_path / "gcloud.called").exists()
+
+
 @pytest.mark.parametrize(
   "args, message",
   [
