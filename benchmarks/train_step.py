@@ -54,18 +54,10 @@ def measure(config, steps: int, warmup: int):
   labeled = data_lib.open_source(
     config.data.labeled, data_dir=config.data.data_dir or None, num_classes=config.model.num_classes
   )
-  model = trainer.build_model(config)
+  model = trainer.build_model(config, mesh)
   schedule, tx = trainer.build_optimizer(config, steps_per_epoch=100, total_steps=10_000)
   state = train.create_train_state(model, tx, jax.random.key(0), config.model.image_size, mesh=mesh)
-  step_fn = train.make_train_step(
-    model,
-    tx,
-    mesh,
-    label_smoothing=config.optimizer.label_smoothing,
-    ema_decay=config.optimizer.ema_decay,
-    schedule=schedule,
-    normalization=config.data.normalization,
-  )
+  step_fn = trainer.build_train_step(config, model, tx, mesh, schedule)
   batches = data_lib.train_iterator(
     labeled,
     labeled_batch=config.data.labeled_batch,

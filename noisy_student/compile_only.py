@@ -171,15 +171,7 @@ def _train_stage(config, model, mesh, chip, num_devices):
   state = train_lib.abstract_train_state(
     model, tx, config.model.image_size, mesh, param_sharding=config.mesh.param_sharding
   )
-  step = train_lib.make_train_step(
-    model,
-    tx,
-    mesh,
-    label_smoothing=config.optimizer.label_smoothing,
-    ema_decay=config.optimizer.ema_decay,
-    state_shardings=jax.tree.map(lambda x: x.sharding, state),
-    normalization=config.data.normalization,
-  )
+  step = trainer.build_train_step(config, model, tx, mesh, state=state)
   batch = data_lib.train_batch_spec(global_batch, config.model.image_size, config.model.num_classes, mesh)
   compiled, seconds = _compile(step, state, batch)
   return compiled, analyze(

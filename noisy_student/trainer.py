@@ -61,6 +61,22 @@ def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, tot
   return schedule, train_lib.create_optimizer(opt.name, schedule, opt.weight_decay, frozen=opt.frozen)
 
 
+def build_train_step(config: ml_collections.ConfigDict, model, tx, mesh, schedule=None, state=None):
+  """The compiled-on-first-call train step of config's recipe over `mesh`; the state keeps the shardings
+  `state` has (an array or ShapeDtypeStruct tree; default replicated). mode=compile builds the same step."""
+  shardings = None if state is None else jax.tree.map(lambda x: x.sharding, state)
+  return train_lib.make_train_step(
+    model,
+    tx,
+    mesh,
+    label_smoothing=config.optimizer.label_smoothing,
+    ema_decay=config.optimizer.ema_decay,
+    schedule=schedule,
+    state_shardings=shardings,
+    normalization=config.data.normalization,
+  )
+
+
 def _fresh_state(config: ml_collections.ConfigDict, model, tx, mesh):
   """The seed's initial train state on `mesh`, replicated or fsdp-sharded as config.mesh says."""
   return train_lib.create_train_state(
@@ -317,16 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     parameter_overview.log_parameter_overview(state.params, msg="Model parameters", jax_logging_process=0)
     writer.write_hparams(traverse_util.flatten_dict(config.to_dict(), sep="."))
 
-  train_step = train_lib.make_train_step(
-    model,
-    tx,
-    mesh,
-    label_smoothing=opt.label_smoothing,
-    ema_decay=opt.ema_decay,
-    schedule=schedule,
-    state_shardings=jax.tree.map(lambda x: x.sharding, state),
-    normalization=config.data.normalization,
-  )
+  train_step = build_train_step(config, model, tx, mesh, schedule, state)
   eval_step = evaluate_lib.make_eval_step(model, mesh, normalization=config.data.normalization)
   global_batch = config.data.labeled_batch * (1 + (config.data.ratio if unlabeled is not None else 0))
   batches = data_lib.train_iterator(
