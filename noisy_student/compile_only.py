@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 from jax.experimental import topologies
+from jax.experimental.compilation_cache import compilation_cache
 
 from noisy_student import data as data_lib
 from noisy_student import evaluate, label, outputs, sharding, trainer
@@ -121,10 +122,12 @@ def without_persistent_cache():
   """Compile-only executables cannot be loaded back: keep them out of the persistent compilation cache."""
   enabled = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # jax decides once per process whether to use the cache: decide again
   try:
     yield
   finally:
     jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
 
 
 def analyze(compiled, *, stage: str, chip: Chip, images_per_step: int, num_devices: int, compile_s: float) -> Dict:
