@@ -58,12 +58,13 @@ def run_row(name, topology, workdir):
     *overrides,
   ]
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+  last_line = ((done.stdout + done.stderr).strip().splitlines() or ["no output"])[-1]
+  error = None if done.returncode == 0 else last_line  # e.g. the DoesNotFitError line
   report = os.path.join(workdir, "compile.json")
-  if not os.path.exists(report):
-    tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
-    return None, tail[0]
+  if not os.path.exists(report):  # failed before compiling (libtpu missing, a bad flag)
+    return None, last_line
   with open(report) as f:
-    return json.load(f), None if done.returncode == 0 else (done.stdout + done.stderr).strip().splitlines()[-1]
+    return json.load(f), error
 
 
 def main():

@@ -53,7 +53,8 @@ if ((preflight)); then
   check=(env -C "$repo" "$local_python" -m noisy_student "$@" --workdir="$repo/workdirs/preflight-$name"
          --config.mode=compile --config.compile.topology="$type")
   if ! run "${check[@]}"; then
-    echo "tpu_vm.sh: the job's steps do not compile for $type (see above); fix the settings, or pass" \
+    echo "tpu_vm.sh: the preflight compile for $type failed (its error is above): change the job's settings," \
+         "install this package with libtpu here (pip install -e '.[tpu]', or --local_python=PY), or pass" \
          "--skip_preflight to launch anyway" >&2
     exit 1
   fi

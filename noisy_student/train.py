@@ -231,9 +231,12 @@ def abstract_train_state(
 ) -> TrainState:
   """The train state as ShapeDtypeStructs with the shardings `create_train_state` gives it on `mesh`, computing
   nothing: what compiling the step ahead of time, for devices this host does not have, needs."""
-  shapes = jax.eval_shape(
-    lambda: (lambda s: s.replace(rng=_key_data(s.rng)))(_initial_state(model, tx, image_size, jax.random.key(0)))
-  )
+
+  def initial_state():
+    state = _initial_state(model, tx, image_size, jax.random.key(0))
+    return state.replace(rng=_key_data(state.rng))
+
+  shapes = jax.eval_shape(initial_state)
   shardings = sharding.state_shardings(shapes, mesh, param_sharding)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
